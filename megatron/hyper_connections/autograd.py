@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .streams import depth_connection, width_connection
+from .projection import Projection, rms_projection_backward
+from .streams import coefficient_dtype, depth_connection, width_connection
 
 __all__ = ["DepthConnection", "SavedState", "StateChain", "WidthConnection"]
 
@@ -81,41 +82,86 @@ class StateChain:
 
 
 class WidthConnection(torch.autograd.Function):
-    """(h0, H_post, H_res) = f(X; parameters of ``module``), keeping only X."""
+    """(h0, H_post, H_res) = f(X; parameters of ``module``), keeping X and the projection."""
 
     @staticmethod
     def forward(ctx, module: nn.Module, rows: Tensor, state: SavedState, *params: Tensor):
         ctx.module, ctx.state, ctx.params = module, state, params
         ctx.like = (rows.shape, rows.dtype)
-        if state.kept:
-            ctx.save_for_backward(rows)  # the tensor is `state.tensor`; saved once per block
-        h0, h_post, h_res = _width(module, rows)
+        dtype = coefficient_dtype(rows)
+        projection = module.project(rows, dtype)
+        mixing = module.coefficients_of(projection, dtype)
+        h0 = width_connection(rows.to(dtype), mixing.h_pre).to(rows.dtype)
+        # The state itself is `state.tensor`; with a state chain it is saved once per block.
+        ctx.save_for_backward(*(rows if state.kept else None, *(projection or (None, None))))
+        h_post, h_res = mixing.h_post, mixing.h_res
         if h_res.dim() == 2:  # static coefficients are (views of) parameters: return copies
             h_post, h_res = h_post.clone(), h_res.clone()
         return h0, h_post, h_res
 
     @staticmethod
     def backward(ctx, grad_h0: Tensor | None, grad_post: Tensor | None, grad_res: Tensor | None):
-        rows = ctx.state.get(ctx.like).detach().requires_grad_(ctx.needs_input_grad[1])
+        module, params = ctx.module, ctx.params
+        _, *saved_projection = ctx.saved_tensors
+        rows = ctx.state.get(ctx.like)
         ctx.state.release()
-        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:], strict=True) if need]
+        dtype = coefficient_dtype(rows)
+        x = rows.to(dtype)
+
+        # The coefficients are a small graph on the projection (a few numbers per token):
+        # rebuild it with autograd, feeding it dH_pre = dh0 X^T, dH_post and dH_res.
+        projection = None
+        if saved_projection[0] is not None:
+            projection = Projection(*(t.detach().requires_grad_() for t in saved_projection))
+        leaves = list(projection or ()) + [
+            p for p, need in zip(params, ctx.needs_input_grad[3:], strict=True) if need
+        ]
         with torch.enable_grad():
-            outputs = _width(ctx.module, rows)
-            pairs = [
-                (out, grad)
-                for out, grad in zip(outputs, (grad_h0, grad_post, grad_res), strict=True)
-                if grad is not None and out.requires_grad
-            ]
-            inputs = ([rows] if rows.requires_grad else []) + params
-            grads = list(
-                torch.autograd.grad(
-                    [out for out, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
-                )
+            mixing = module.coefficients_of(projection, dtype)
+        grad_h0 = None if grad_h0 is None else grad_h0.to(dtype).unflatten(-1, (-1, x.shape[-1]))
+        grad_pre = (
+            None if grad_h0 is None else _sum_to(grad_h0 @ x.transpose(-1, -2), mixing.h_pre.shape)
+        )
+        pairs = [
+            (out, grad)
+            for out, grad in zip(mixing, (grad_pre, grad_post, grad_res), strict=True)
+            if grad is not None and out.requires_grad
+        ]
+        grads = {}
+        if pairs and leaves:
+            outputs, output_grads = zip(*pairs, strict=True)
+            found = torch.autograd.grad(outputs, leaves, output_grads, allow_unused=True)
+            grads = dict(zip(map(id, leaves), found, strict=True))
+
+        grad_rows = None
+        if projection is not None:
+            weight = module.dynamic_proj
+            grad_projection = Projection(*(_zeros_if_none(grads.get(id(t)), t) for t in projection))
+            grad_inputs, grad_weight = rms_projection_backward(
+                module.projection_inputs(x), weight.to(dtype), projection, grad_projection
             )
-        grad_rows = grads.pop(0) if rows.requires_grad else None
-        grads.reverse()
-        param_grads = [grads.pop() if need else None for need in ctx.needs_input_grad[3:]]
-        return None, grad_rows, None, *param_grads
+            grad_rows = grad_inputs.view_as(x)
+            if id(weight) in grads:
+                grads[id(weight)] = grad_weight.to(weight.dtype)
+        if ctx.needs_input_grad[1] and grad_h0 is not None:
+            # dX += H_pre^T dh0; for k = 1 an outer product, done in place.
+            h_pre_t = mixing.h_pre.detach().transpose(-1, -2)
+            if grad_h0.shape[-2] > 1:
+                share = h_pre_t @ grad_h0
+                grad_rows = share if grad_rows is None else grad_rows.add_(share)
+            elif grad_rows is None:
+                grad_rows = h_pre_t * grad_h0
+            else:
+                grad_rows.addcmul_(h_pre_t, grad_h0)
+        param_grads = [
+            grads.get(id(p)) if need else None
+            for p, need in zip(params, ctx.needs_input_grad[3:], strict=True)
+        ]
+        if not ctx.needs_input_grad[1]:
+            grad_rows = None
+        elif grad_rows is None:
+            grad_rows = torch.zeros_like(rows)
+        return None, None if grad_rows is None else grad_rows.to(rows.dtype), None, *param_grads
 
 
 class DepthConnection(torch.autograd.Function):
@@ -137,12 +183,14 @@ class DepthConnection(torch.autograd.Function):
         grad = grad_out.to(compute).unflatten(-1, (-1, row_size))  # dX', [..., N, D]
         y_rows = y.to(compute).unflatten(-1, (-1, row_size))  # [..., k, D], k = 1 or N
 
-        grad_rows = torch.matmul(h_res.transpose(-1, -2), grad)  # H_res^T dX'
-        grad_res = torch.matmul(grad, rows.to(compute).transpose(-1, -2))  # dX' X^T
-        grad_post = (grad * y_rows).sum(dim=-1)
-        grad_y = h_post.unsqueeze(-1) * grad
-        if y_rows.shape[-2] == 1:  # every row received the same y
-            grad_y = grad_y.sum(dim=-2, keepdim=True)
+        grad_rows = h_res.transpose(-1, -2) @ grad  # H_res^T dX'
+        grad_res = grad @ rows.to(compute).transpose(-1, -2)  # dX' X^T
+        if y_rows.shape[-2] == 1:  # every row received the same y: matmuls, no temporaries
+            grad_post = (grad @ y_rows.transpose(-1, -2)).squeeze(-1)
+            grad_y = h_post.unsqueeze(-2) @ grad
+        else:
+            grad_post = (grad * y_rows).sum(dim=-1)
+            grad_y = h_post.unsqueeze(-1) * grad
         return (
             grad_rows.to(rows.dtype),
             grad_y.flatten(-2).to(ctx.y_dtype),
@@ -152,10 +200,8 @@ class DepthConnection(torch.autograd.Function):
         )
 
 
-def _width(module: nn.Module, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    mixing = module.mixing(rows)
-    h0 = width_connection(rows.to(mixing.h_pre.dtype), mixing.h_pre).to(rows.dtype)
-    return h0, mixing.h_post, mixing.h_res
+def _zeros_if_none(grad: Tensor | None, like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
 
 
 def _sum_to(grad: Tensor, shape: Sequence[int]) -> Tensor:

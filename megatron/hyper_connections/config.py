@@ -71,8 +71,12 @@ class TransformerConfig(MCoreTransformerConfig):
     backward (the mHC paper's recomputation: cheap HC ops only, never attention or MLP)."""
 
     hyper_connections_recompute_block_size: int | None = None
-    """Sublayers (attention and MLP count one each) per kept state; None: the paper's optimum
-    round(sqrt(n * L / (n + 2))) for the L sublayers of a pipeline stage."""
+    """Sublayers (attention and MLP count one each) per kept state; None: 2n, one kept state
+    (n units of [s, b, C]) per n layers, so that the state adds at most one unit per layer to
+    the two branch outputs every layer keeps. Backward rebuilds one block at a time, holding up
+    to block-size states (2n^2 units) while it runs. The mHC paper's optimum of kept plus
+    rebuilt states, round(sqrt(n * L / (n + 2))) for L sublayers, is within a few percent of
+    the same total for deep stages."""
 
     mhc_sinkhorn_iters: int = 20
     """mHC: Sinkhorn-Knopp iterations producing H_res."""

@@ -59,6 +59,7 @@ __all__ = ["destroy_distributed", "enable_cpu_megatron", "initialize_distributed
 
 _CPU = torch.device("cpu")
 _enabled = False
+_mode_entered = False
 
 
 def _is_cuda(device: Any) -> bool:
@@ -157,10 +158,22 @@ def _under_cpu_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def enable_cpu_megatron() -> None:
-    """Patch megatron-core's CUDA assumptions for CPU use; idempotent, a no-op with CUDA."""
-    global _enabled
-    if _enabled or torch.cuda.is_available():
+def enable_cpu_megatron(*, function_mode: bool = True) -> None:
+    """Patch megatron-core's CUDA assumptions for CPU use; idempotent, a no-op with CUDA.
+
+    ``function_mode=False`` leaves out the torch function mode: a single-process benchmark
+    that passes its own attention mask and uses no schedule or optimizer does not need it,
+    and should not time its per-op cost.
+    """
+    global _enabled, _mode_entered
+    if torch.cuda.is_available():
+        return
+    if function_mode and not _mode_entered:
+        # schedules/optimizer/causal mask hard-code device="cuda"; DistributedOptimizer checks
+        # param.type() == "torch.cuda.FloatTensor".
+        _CudaToCpuMode().__enter__()
+        _mode_entered = True
+    if _enabled:
         return
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -188,9 +201,6 @@ def enable_cpu_megatron() -> None:
     # RouterGatingLinearFunction tests `te_general_gemm is not None`, a name bound only with TE.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    # schedules/optimizer/causal mask hard-code device="cuda"; DistributedOptimizer checks
-    # param.type() == "torch.cuda.FloatTensor".
-    _CudaToCpuMode().__enter__()
     # Activation recompute re-runs forward code inside autograd's backward, where no torch
     # function mode is active.
     mcore_random.CheckpointFunction.backward = staticmethod(
@@ -209,13 +219,15 @@ def initialize_distributed(
     context_parallel_size: int = 1,
     expert_model_parallel_size: int = 1,
     seed: int = 1234,
+    function_mode: bool = True,
 ) -> None:
-    """Set up torch.distributed (from torchrun env vars), megatron's parallel state and RNG."""
+    """Set up torch.distributed (from torchrun env vars), megatron's parallel state and RNG;
+    ``function_mode`` as in ``enable_cpu_megatron``."""
     from megatron.core import parallel_state, tensor_parallel
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
-        enable_cpu_megatron()
+        enable_cpu_megatron(function_mode=function_mode)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -24,16 +24,23 @@ although it starts at zero.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .autograd import DepthConnection, SavedState, StateChain, WidthConnection
 from .metrics import log_amax
-from .streams import Mixing, depth_connection, width_connection
+from .projection import Projection, rms_projection
+from .streams import Mixing, coefficient_dtype, depth_connection, width_connection
 
-__all__ = ["HyperConnection", "HyperConnectionBase", "Residual", "hc_mixing"]
+__all__ = [
+    "HyperConnection",
+    "HyperConnectionBase",
+    "Residual",
+    "hc_coefficients",
+    "hc_mixing",
+]
 
 
 class Residual(NamedTuple):
@@ -47,9 +54,33 @@ class Residual(NamedTuple):
     """How X is kept for backward (memory-lean path), or None (reference path)."""
 
 
-def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    """x / RMS(x) over the last dimension, without a learned weight (it would fold into W)."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+def hc_coefficients(
+    projection: Projection | None,
+    static_pre: Tensor,
+    static_res: Tensor,
+    static_post: Tensor,
+    scale_pre_res: Tensor | None = None,
+    scale_post: Tensor | None = None,
+    use_tanh: bool = True,
+) -> Mixing:
+    """H_pre, H_post, H_res from the rows' ``Projection`` (None for static HC).
+
+    Args:
+        projection: x_j [W_m | W_r | W_b] and 1 / RMS(x_j) per row, [..., N, k + N + 1].
+        static_pre: A_m [N, k]. static_res: A_r [N, N]. static_post: B [N].
+        scale_pre_res: s_a, shared by A_m and A_r. scale_post: s_b.
+    """
+    a_pre, a_res, b = static_pre, static_res, static_post
+    if projection is not None:
+        k, n = static_pre.shape[-1], static_res.shape[-1]
+        d = projection.proj * projection.inv_rms
+        if use_tanh:
+            d = torch.tanh(d)
+        d_pre, d_res, d_post = d.split([k, n, 1], dim=-1)
+        a_pre = scale_pre_res * d_pre + a_pre
+        a_res = scale_pre_res * d_res + a_res
+        b = scale_post * d_post.squeeze(-1) + b
+    return Mixing(h_pre=a_pre.transpose(-1, -2), h_post=b, h_res=a_res.transpose(-1, -2))
 
 
 def hc_mixing(
@@ -63,31 +94,16 @@ def hc_mixing(
     use_tanh: bool = True,
     eps: float = 1e-5,
 ) -> Mixing:
-    """The HC coefficients of ``state`` [..., N, D] (fp32), as H_pre, H_post, H_res.
+    """The HC coefficients of ``state`` [..., N, D], as H_pre, H_post, H_res.
 
     Args:
-        static_pre: A_m [N, k]. static_res: A_r [N, N]. static_post: B [N].
         dynamic_proj: [W_m | W_r | W_b], [D, k + N + 1]; None for static HC.
-        scale_pre_res: s_a, shared by A_m and A_r. scale_post: s_b.
+        The others: as in ``hc_coefficients``.
     """
-    a_pre, a_res, b = static_pre, static_res, static_post
-    if dynamic_proj is not None:
-        k, n = static_pre.shape[-1], static_res.shape[-1]
-        d = torch.matmul(rms_normalize(state, eps), dynamic_proj)
-        if use_tanh:
-            d = torch.tanh(d)
-        d_pre, d_res, d_post = d.split([k, n, 1], dim=-1)
-        a_pre = scale_pre_res * d_pre + a_pre
-        a_res = scale_pre_res * d_res + a_res
-        b = scale_post * d_post.squeeze(-1) + b
-    return Mixing(h_pre=a_pre.transpose(-1, -2), h_post=b, h_res=a_res.transpose(-1, -2))
-
-
-def coefficient_caster(rows: Tensor) -> Callable[[Tensor | None], Tensor | None]:
-    """Casts to the coefficients' precision: fp32 for fp32, bf16 and fp16 activations (the
-    mHC paper's rule), fp64 for fp64 ones (exact tests)."""
-    dtype = torch.promote_types(rows.dtype, torch.float32)
-    return lambda t: None if t is None else t.to(dtype)
+    projection = None if dynamic_proj is None else rms_projection(state, dynamic_proj, eps)
+    return hc_coefficients(
+        projection, static_pre, static_res, static_post, scale_pre_res, scale_post, use_tanh
+    )
 
 
 class HyperConnectionBase(nn.Module):
@@ -106,6 +122,7 @@ class HyperConnectionBase(nn.Module):
         # Set by ``use_state_chain`` for the mHC paper's recomputation of the states.
         self.state_chain: StateChain | None = None
         self.chain_position = 0
+        self._compiled_coefficients: Callable[..., Mixing] | None = None
 
     def use_state_chain(self, chain: StateChain | None, position: int) -> None:
         """Keep this sublayer's state for backward only at block starts of ``chain``, where
@@ -114,11 +131,39 @@ class HyperConnectionBase(nn.Module):
 
     def mixing(self, rows: Tensor) -> Mixing:
         """H_pre, H_post, H_res (fp32) for the state viewed as rows [..., N, D]."""
+        dtype = coefficient_dtype(rows)
+        return self.coefficients_of(self.project(rows, dtype), dtype)
+
+    def compile_coefficients(self, **options: Any) -> None:
+        """Run the coefficient computation through ``torch.compile``: on the PyTorch path it is
+        dozens of small per-token ops (hundreds for mHC's Sinkhorn iterations) that compile
+        into a few fused kernels, forward and backward."""
+        self._compiled_coefficients = torch.compile(self.coefficients, **options)
+
+    def coefficients_of(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+        """``coefficients``, compiled when ``compile_coefficients`` was called."""
+        return (self._compiled_coefficients or self.coefficients)(projection, dtype)
+
+    def project(self, rows: Tensor, dtype: torch.dtype) -> Projection | None:
+        """The dynamic projection of the state (see ``projection``), None when static."""
+        if self.dynamic_proj is None:
+            return None
+        inputs = self.projection_inputs(rows.to(dtype))
+        return rms_projection(inputs, self.dynamic_proj.to(dtype), self.eps)
+
+    def projection_inputs(self, rows: Tensor) -> Tensor:
+        """The vectors that are RMS-normalised and projected, [..., R, K], from [..., N, D]."""
+        raise NotImplementedError
+
+    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+        """H_pre, H_post, H_res in ``dtype`` from the state's projection."""
         raise NotImplementedError
 
     def width_connection(self, state: Tensor) -> tuple[Tensor, Residual]:
         """Branch input h0 = H_pre X [..., k*D], and what ``depth_connection`` needs."""
-        rows = state.unflatten(-1, (self.num_rows, self.row_size))
+        # Tokens flattened to one batch dimension: the stream matmuls become plain bmm calls
+        # (a 4-D matmul is several times slower on CPU).
+        rows = state.reshape(-1, self.num_rows, self.row_size)
         if self._memory_lean():
             saved = (
                 SavedState(rows)
@@ -134,12 +179,20 @@ class HyperConnectionBase(nn.Module):
             h_post, h_res = mixing.h_post, mixing.h_res
             branch_input = width_connection(rows.to(h_res.dtype), mixing.h_pre).to(rows.dtype)
         # Kept (detached, no copy) for monitoring; read only when metrics are asked for.
-        self._last_h_res = h_res.detach()
+        per_token = h_res.dim() == 3
+        self._last_h_res = (
+            h_res.detach().view(*state.shape[:-1], *h_res.shape[1:])
+            if per_token
+            else h_res.detach()
+        )
+        branch_input = branch_input.view(*state.shape[:-1], -1)
         return branch_input, Residual(rows, h_post, h_res, saved)
 
     def depth_connection(self, branch_output: Tensor, residual: Residual) -> Tensor:
         """New state X' = H_res X + H_post^T y, [..., N*D], in the state's dtype."""
         rows, h_post, h_res, saved = residual
+        lead = branch_output.shape[:-1]
+        branch_output = branch_output.reshape(rows.shape[0], -1)
         if saved is None:
             compute = h_res.dtype
             new_state = depth_connection(
@@ -150,12 +203,12 @@ class HyperConnectionBase(nn.Module):
                 dropout=self.dropout,
                 training=self.training,
             )
-            return new_state.to(rows.dtype)
+            return new_state.to(rows.dtype).view(*lead, -1)
         new_state = DepthConnection.apply(rows, branch_output, h_post, h_res, saved)
         if self.state_chain is not None:
             recipe = SavedState(previous=saved, recipe=(branch_output, h_post, h_res))
             self.state_chain.record_output(new_state, recipe)
-        return new_state
+        return new_state.view(*lead, -1)
 
     def _memory_lean(self) -> bool:
         # The lean functions have no dropout inside the depth connection.
@@ -269,18 +322,21 @@ class HyperConnection(HyperConnectionBase):
             self.scale_pre_res.fill_(0.01)
             self.scale_post.fill_(0.01)
 
-    def mixing(self, rows: Tensor) -> Mixing:
-        f = coefficient_caster(rows)
-        return hc_mixing(
-            f(rows),
+    def projection_inputs(self, rows: Tensor) -> Tensor:
+        return rows  # every row is normalised and projected on its own
+
+    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+        def f(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return hc_coefficients(
+            projection,
             f(self.static_pre),
             f(self.static_res),
             f(self.static_post),
-            f(self.dynamic_proj),
             f(self.scale_pre_res),
             f(self.scale_post),
             use_tanh=self.use_tanh,
-            eps=self.eps,
         )
 
     def extra_repr(self) -> str:

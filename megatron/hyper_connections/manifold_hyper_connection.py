@@ -29,11 +29,41 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .hyper_connection import HyperConnectionBase, coefficient_caster
+from .hyper_connection import HyperConnectionBase
+from .projection import Projection, rms_projection
 from .sinkhorn import sinkhorn_knopp
 from .streams import Mixing
 
-__all__ = ["ManifoldHyperConnection", "mhc_mixing"]
+__all__ = ["ManifoldHyperConnection", "mhc_coefficients", "mhc_mixing"]
+
+
+def mhc_coefficients(
+    projection: Projection | None,
+    bias: Tensor,
+    gates: Tensor | None = None,
+    sinkhorn_iters: int = 20,
+    log_domain_sinkhorn: bool = False,
+) -> Mixing:
+    """H_pre, H_post, H_res from the token's ``Projection`` (None for static mHC).
+
+    Args:
+        projection: x phi and 1 / r per token, [..., 1, P * (n^2 + 2n)] and [..., 1, 1].
+        bias: b, [P, n^2 + 2n] laid out as [pre (n) | post (n) | res (n*n, row-major)].
+        gates: [P, 3] = (a_pre, a_post, a_res) per proposal; None for the static variant.
+    """
+    num_proposals, width = bias.shape
+    n = math.isqrt(width + 1) - 1  # width = (n + 1)^2 - 1
+    t = bias
+    if projection is not None:
+        scaled = (projection.proj * projection.inv_rms).squeeze(-2)
+        proj = scaled.unflatten(-1, (num_proposals, width))
+        gate = gates.repeat_interleave(torch.tensor([n, n, n * n], device=gates.device), dim=-1)
+        t = gate * proj + bias
+    t_pre, t_post, t_res = t.split([n, n, n * n], dim=-1)
+    h_pre = torch.sigmoid(t_pre).mean(dim=-2)
+    h_post = (2.0 * torch.sigmoid(t_post)).mean(dim=-2)
+    h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), sinkhorn_iters, log_domain_sinkhorn)
+    return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=h_post, h_res=h_res.mean(dim=-3))
 
 
 def mhc_mixing(
@@ -45,27 +75,16 @@ def mhc_mixing(
     log_domain_sinkhorn: bool = False,
     eps: float = 1e-5,
 ) -> Mixing:
-    """The mHC coefficients of ``state`` [..., n, C] (fp32), as H_pre, H_post, H_res.
+    """The mHC coefficients of ``state`` [..., n, C], as H_pre, H_post, H_res.
 
     Args:
-        bias: b, [P, n^2 + 2n] laid out as [pre (n) | post (n) | res (n*n, row-major)].
-        gates: [P, 3] = (a_pre, a_post, a_res) per proposal; None for the static variant.
         dynamic_proj: phi, [nC, P * (n^2 + 2n)]; None for the static variant (t = b).
+        The others: as in ``mhc_coefficients``.
     """
-    n = state.shape[-2]
-    num_proposals = bias.shape[0]
-    t = bias
+    projection = None
     if dynamic_proj is not None:
-        x = state.flatten(-2)
-        inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-        proj = (torch.matmul(x, dynamic_proj) * inv_rms).unflatten(-1, (num_proposals, -1))
-        gate = gates.repeat_interleave(torch.tensor([n, n, n * n], device=gates.device), dim=-1)
-        t = gate * proj + bias
-    t_pre, t_post, t_res = t.split([n, n, n * n], dim=-1)
-    h_pre = torch.sigmoid(t_pre).mean(dim=-2)
-    h_post = (2.0 * torch.sigmoid(t_post)).mean(dim=-2)
-    h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), sinkhorn_iters, log_domain_sinkhorn)
-    return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=h_post, h_res=h_res.mean(dim=-3))
+        projection = rms_projection(state.flatten(-2).unsqueeze(-2), dynamic_proj, eps)
+    return mhc_coefficients(projection, bias, gates, sinkhorn_iters, log_domain_sinkhorn)
 
 
 class ManifoldHyperConnection(HyperConnectionBase):
@@ -140,16 +159,16 @@ class ManifoldHyperConnection(HyperConnectionBase):
             self.gates.copy_((0.01 / (proposal + 1)).unsqueeze(-1).expand_as(self.gates))
             self.dynamic_proj.zero_()
 
-    def mixing(self, rows: Tensor) -> Mixing:
-        f = coefficient_caster(rows)
-        return mhc_mixing(
-            f(rows),
-            f(self.bias),
-            f(self.gates),
-            f(self.dynamic_proj),
+    def projection_inputs(self, rows: Tensor) -> Tensor:
+        return rows.flatten(-2).unsqueeze(-2)  # the whole token, n*C values
+
+    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+        return mhc_coefficients(
+            projection,
+            self.bias.to(dtype),
+            None if self.gates is None else self.gates.to(dtype),
             sinkhorn_iters=self.sinkhorn_iters,
             log_domain_sinkhorn=self.log_domain_sinkhorn,
-            eps=self.eps,
         )
 
     def extra_repr(self) -> str:

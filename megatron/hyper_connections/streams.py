@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "Mixing",
+    "coefficient_dtype",
     "depth_connection",
     "expand_streams",
     "reduce_streams",
@@ -38,6 +39,12 @@ class Mixing(NamedTuple):
     """[..., N]: weight of the branch output added to each row of the state."""
     h_res: Tensor
     """[..., N, N]: residual mixing, destination rows."""
+
+
+def coefficient_dtype(state: Tensor) -> torch.dtype:
+    """The coefficients' precision: fp32 for fp32, bf16 and fp16 states (the mHC paper's
+    rule), fp64 for fp64 ones (exact tests)."""
+    return torch.promote_types(state.dtype, torch.float32)
 
 
 def expand_streams(x: Tensor, num_streams: int) -> Tensor:
@@ -82,7 +89,10 @@ def depth_connection(
             receive different noisy copies of the branch output.
     """
     row_size = state.shape[-1]
-    contribution = h_post.unsqueeze(-1) * branch_output.unflatten(-1, (-1, row_size))
+    branch_rows = branch_output.unflatten(-1, (-1, row_size))
+    mixed = torch.matmul(h_res, state)
     if dropout > 0.0 and training:
-        contribution = F.dropout(contribution, p=dropout, training=True)
-    return (torch.matmul(h_res, state) + contribution).flatten(-2)
+        contribution = F.dropout(h_post.unsqueeze(-1) * branch_rows, p=dropout, training=True)
+        return (mixed + contribution).flatten(-2)
+    # In place on the fresh product: no [..., N, D] temporary for H_post^T y.
+    return mixed.addcmul_(h_post.unsqueeze(-1), branch_rows).flatten(-2)

@@ -11,8 +11,6 @@ megatron-core's ``GPTModel`` builds a plain ``TransformerBlock``; rather than re
 steps on that block with forward pre-hooks, PyTorch's extension point for exactly this.
 """
 
-import math
-
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import WrappedTensor
 
@@ -64,9 +62,8 @@ def _share_state_chain(block: TransformerBlock) -> None:
         hc for layer in block.layers for hc in (layer.hyper_conn_attn, layer.hyper_conn_mlp)
     ]
     block_size = block.config.hyper_connections_recompute_block_size
-    if block_size is None:
-        n = block.config.num_residual_streams
-        block_size = max(1, round(math.sqrt(n * len(connections) / (n + 2))))
+    if block_size is None:  # one kept state per n layers (see the config field)
+        block_size = 2 * block.config.num_residual_streams
     chain = StateChain(block_size)
     for position, hc in enumerate(connections):
         hc.use_state_chain(chain, position)

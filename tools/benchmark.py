@@ -1,0 +1,395 @@
+"""Cost of hyper-connections against the residual baseline, measured in one process.
+
+For the residual baseline and DHC / mHC at several stream counts, on one megatron-core
+transformer layer and on a small GPT built from megatron-core's own specs:
+
+- forward+backward time per step, the median over ``--repeats`` steps, as a ratio to the
+  baseline of the same scope (configurations take turns step by step, so drifts in machine
+  speed hit all of them alike);
+- bytes saved for backward, counted with autograd's saved-tensor hooks (distinct storages,
+  parameters excluded) and given per layer in units of one [s, b, C] activation: the extra
+  over the baseline, hardware independent;
+- parameters and FLOPs per token (analytic: matmuls and the connections' multiply-adds), as
+  overheads over the baseline.
+
+Writes ``benchmark.json`` and ``benchmark.md`` (the table) into ``--output-dir``. Runs on CPU
+(gloo, one process) and on a GPU (NCCL; the Transformer Engine spec when it is installed).
+
+    python tools/benchmark.py                       # CPU default: hidden 1024, sequence 512
+    python tools/benchmark.py --bf16 --hidden-size 2048 --num-layers 16 --seq-length 2048 \\
+        --scopes gpt --fused-kernels                 # a ~1B-parameter GPT on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+UNITS_NOTE = "units: one [s, b, C] activation of the model's dtype"
+
+
+@dataclass
+class Variant:
+    name: str
+    hc: dict[str, Any] | None  # TransformerConfig options; None is the residual baseline
+    streams: int = 1
+
+    @property
+    def manifold(self) -> bool:
+        return bool(self.hc and self.hc.get("use_manifold_hyper_connections"))
+
+
+@dataclass
+class Case:
+    """One variant built in one scope, ready to step."""
+
+    variant: Variant
+    forward: Callable[[], Tensor]
+    """Runs the forward pass and returns the scalar to backpropagate."""
+    model: nn.Module
+    times: list[float] = field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--num-attention-heads", type=int, default=16)
+    parser.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4x hidden")
+    parser.add_argument("--seq-length", type=int, default=512)
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--num-layers", type=int, default=4, help="layers of the GPT scope")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--streams", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--scopes", nargs="+", choices=["layer", "gpt"], default=["layer", "gpt"])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 parameters and activations")
+    parser.add_argument(
+        "--extras-streams",
+        type=int,
+        default=4,
+        help="stream count of the extra rows (HC recompute, torch.compile, fused kernels)",
+    )
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument(
+        "--fused-kernels", action="store_true", help="add Triton kernel rows (CUDA + Triton)"
+    )
+    parser.add_argument("--no-recompute", action="store_true", help="skip HC recompute rows")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmark"))
+    args = parser.parse_args(argv)
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    for option in ("repeats", "hidden_size", "seq_length", "micro_batch_size", "num_layers"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
+    if args.hidden_size % args.num_attention_heads:
+        parser.error(
+            f"--hidden-size {args.hidden_size} must be divisible by --num-attention-heads "
+            f"{args.num_attention_heads}"
+        )
+    bad = [n for n in args.streams if n < 2]
+    if bad:
+        parser.error(f"--streams must be >= 2 (mHC needs two streams), got {bad}")
+    if args.fused_kernels:
+        from megatron.hyper_connections import triton_kernels
+
+        if not (torch.cuda.is_available() and triton_kernels.HAVE_TRITON):
+            parser.error("--fused-kernels needs a CUDA device and Triton")
+    return args
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    rows = [Variant("residual", None)]
+    for n in args.streams:
+        rows.append(Variant(f"DHC n={n}", {"num_residual_streams": n}, n))
+    for n in args.streams:
+        mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True}
+        rows.append(Variant(f"mHC n={n}", mhc, n))
+    n = args.extras_streams
+    extras = [("recompute", {"recompute_hyper_connections": True})] * (not args.no_recompute)
+    if args.compile:
+        extras.append(("compile", {"hyper_connections_compile": True}))
+    if args.fused_kernels:
+        extras.append(("fused", {"hyper_connections_fused_kernels": True}))
+    for label, options in extras:
+        rows.append(Variant(f"DHC n={n} +{label}", {"num_residual_streams": n, **options}, n))
+        mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True, **options}
+        rows.append(Variant(f"mHC n={n} +{label}", mhc, n))
+    return rows
+
+
+# Building the models
+
+
+def setup_megatron() -> torch.device:
+    from megatron.hyper_connections.cpu_compat import initialize_distributed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # The benchmark passes its own causal mask and runs no schedule or optimizer, so on CPU
+    # it needs megatron-core's RNG tracker but not the CUDA-to-CPU function mode.
+    initialize_distributed(function_mode=False)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def model_config(args: argparse.Namespace, variant: Variant, num_layers: int):
+    from megatron.core.transformer.transformer_config import TransformerConfig as MCoreConfig
+
+    from megatron.hyper_connections import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    options = dict(
+        num_layers=num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=args.bf16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    if variant.hc is None:
+        return MCoreConfig(**options)
+    return TransformerConfig(**options, use_hyper_connections=True, **variant.hc)
+
+
+def layer_spec():
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return gpt_layer_specs.get_gpt_layer_local_spec()
+    return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+
+def build_layer(args: argparse.Namespace, variant: Variant, device: torch.device) -> Case:
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron.hyper_connections import get_hyper_connection_spec
+
+    config = model_config(args, variant, num_layers=1)
+    spec = layer_spec() if variant.hc is None else get_hyper_connection_spec(layer_spec())
+    torch.manual_seed(0)
+    layer = build_module(spec, config=config, layer_number=1).to(device)
+    s, b = args.seq_length, args.micro_batch_size
+    state = torch.randn(s, b, variant.streams * args.hidden_size, device=device)
+    state = state.to(config.params_dtype).requires_grad_()
+    mask = causal_mask(s, device)
+
+    def forward() -> Tensor:
+        output = layer(hidden_states=state, attention_mask=mask)
+        output = output[0] if isinstance(output, tuple) else output
+        return output.float().sum()  # saves nothing itself, unlike a squared loss
+
+    return Case(variant, forward, layer)
+
+
+def build_gpt(args: argparse.Namespace, variant: Variant, device: torch.device) -> Case:
+    from megatron.core.models.gpt.gpt_model import GPTModel as MCoreGPTModel
+
+    from megatron.hyper_connections import GPTModel
+
+    config = model_config(args, variant, num_layers=args.num_layers)
+    model_cls = MCoreGPTModel if variant.hc is None else GPTModel
+    torch.manual_seed(0)
+    model = model_cls(
+        config,
+        layer_spec(),
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.seq_length,
+    ).to(device)
+    s, b = args.seq_length, args.micro_batch_size
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (b, s + 1), generator=generator).to(device)
+    positions = torch.arange(s, device=device).expand(b, s)
+    mask = causal_mask(s, device)
+
+    def forward() -> Tensor:
+        per_token = model(tokens[:, :-1], positions, mask, labels=tokens[:, 1:])
+        return per_token.float().mean()
+
+    return Case(variant, forward, model)
+
+
+def causal_mask(seq_length: int, device: torch.device) -> Tensor:
+    """megatron-core's convention: True marks the masked (future) positions."""
+    return torch.ones(seq_length, seq_length, device=device).triu(1).bool()[None, None]
+
+
+# Measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cases(cases: list[Case], args: argparse.Namespace, device: torch.device) -> None:
+    for repeat in range(args.warmup + args.repeats):
+        for case in cases:
+            case.model.zero_grad(set_to_none=True)
+            synchronize(device)
+            start = time.perf_counter()
+            case.forward().backward()
+            synchronize(device)
+            if repeat >= args.warmup:
+                case.times.append(time.perf_counter() - start)
+
+
+def saved_bytes(case: Case) -> int:
+    """Bytes of the distinct non-parameter storages that the forward pass keeps for backward
+    (what backward itself saves transiently is not counted)."""
+    parameters = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    case.model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = case.forward()
+    loss.backward()
+    return sum(storages.values())
+
+
+def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> float:
+    """Forward+backward FLOPs per token (backward = 2x forward), analytic."""
+    c, f, s = args.hidden_size, args.ffn_hidden_size, args.seq_length
+    layer = 2 * (4 * c * c + 2 * c * f + 2 * s * c)  # QKV+proj, MLP, scores+values
+    per_sublayer = 0.0
+    if variant.hc is not None:
+        n = variant.streams
+        per_sublayer = 2 * n * c + 2 * n * n * c + 2 * n * c  # H_pre X, H_res X + H_post^T y
+        # The projection reads all n*C numbers of the state once (HC per row, mHC per token).
+        width = n * n + 2 * n if variant.manifold else n + 2
+        per_sublayer += 2 * n * c * width + 2 * n * c
+        if variant.hc.get("recompute_hyper_connections"):
+            per_sublayer += (2 * n * n * c + 2 * n * c) / 3  # the depth connection, once more
+    layers = 1 if scope == "layer" else args.num_layers
+    logits = 0 if scope == "layer" else 2 * c * args.vocab_size
+    return 3 * (layers * (layer + 2 * per_sublayer) + logits)
+
+
+def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    build = build_layer if scope == "layer" else build_gpt
+    cases = [build(args, variant, device) for variant in variants(args)]
+    dtype_bytes = 2 if args.bf16 else 4
+    unit = args.seq_length * args.micro_batch_size * args.hidden_size * dtype_bytes
+    layers = 1 if scope == "layer" else args.num_layers
+    saved = [saved_bytes(case) / unit / layers for case in cases]
+    time_cases(cases, args, device)
+
+    base = cases[0]
+    base_time = statistics.median(base.times)
+    base_params = sum(p.numel() for p in base.model.parameters())
+    base_flops = flops_per_token(args, base.variant, scope)
+    rows = []
+    for case, units in zip(cases, saved, strict=True):
+        params = sum(p.numel() for p in case.model.parameters())
+        median = statistics.median(case.times)
+        flops = flops_per_token(args, case.variant, scope)
+        rows.append(
+            {
+                "scope": scope,
+                "variant": case.variant.name,
+                "options": case.variant.hc or {},
+                "step_ms": 1e3 * median,
+                "step_ms_all": [1e3 * t for t in case.times],
+                "time_ratio": median / base_time,
+                "saved_units_per_layer": units,
+                "extra_saved_units_per_layer": units - saved[0],
+                "parameters": params,
+                "parameter_overhead": params / base_params - 1,
+                "flops_per_token": flops,
+                "flop_overhead": flops / base_flops - 1,
+            }
+        )
+        print(
+            f"{scope:5s} {case.variant.name:22s} {rows[-1]['time_ratio']:.3f}x "
+            f"({1e3 * median:.1f} ms), extra saved {rows[-1]['extra_saved_units_per_layer']:.2f}",
+            flush=True,
+        )
+    del cases
+    return rows
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        from importlib.metadata import version
+
+        info["megatron_core"] = version("megatron-core")
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        pass
+    return info
+
+
+def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> str:
+    where = info.get("gpu") or f"{info['processor']}, {info['cpu_threads']} threads"
+    lines = [
+        f"Machine: {where}; torch {info['torch']}, megatron-core {info.get('megatron_core')}. "
+        f"Model: hidden {args.hidden_size}, FFN {args.ffn_hidden_size}, heads "
+        f"{args.num_attention_heads}, sequence {args.seq_length}, micro-batch "
+        f"{args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}; GPT: "
+        f"{args.num_layers} layers, vocab {args.vocab_size}. Median of {args.repeats} steps.",
+        "",
+        "| scope | variant | step time | vs residual | extra saved / layer | params | FLOPs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scope']} | {row['variant']} | {row['step_ms']:.1f} ms "
+            f"| {row['time_ratio']:.3f}x | {row['extra_saved_units_per_layer']:.2f} "
+            f"| {100 * row['parameter_overhead']:+.2f}% | {100 * row['flop_overhead']:+.2f}% |"
+        )
+    lines += ["", f"Saved for backward: {UNITS_NOTE}, counted with saved-tensor hooks."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = setup_megatron()
+    info = machine(device)
+    rows = [row for scope in args.scopes for row in run_scope(scope, args, device)]
+    result = {"machine": info, "arguments": vars(args) | {"output_dir": str(args.output_dir)}}
+    result["results"] = rows
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "benchmark.json").write_text(json.dumps(result, indent=1))
+    table = markdown(rows, info, args)
+    (args.output_dir / "benchmark.md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
