@@ -145,3 +145,18 @@ def test_state_recompute_keeps_one_state_per_block():
 def test_state_chain_rejects_invalid_block_size():
     with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
         StateChain(0)
+
+
+@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4"])
+def test_compiled_coefficients_match_eager(variant):
+    """torch.compile'd coefficients, in forward and inside the lean backward, change nothing."""
+    hcs, branches, state = _network(variant, num_sublayers=2)
+    out_ref, grads_ref = _grads(hcs, branches, state, lean=True)
+    for hc in hcs:
+        hc.compile_coefficients()
+    out, grads = _grads(hcs, branches, state, lean=True)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(
+            grads[name], grad, rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{variant} {n}: {m}"
+        )

@@ -134,14 +134,17 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 
 
 def setup_megatron() -> torch.device:
+    from megatron.core import parallel_state
+
     from megatron.hyper_connections.cpu_compat import initialize_distributed
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    # The benchmark passes its own causal mask and runs no schedule or optimizer, so on CPU
-    # it needs megatron-core's RNG tracker but not the CUDA-to-CPU function mode.
-    initialize_distributed(function_mode=False)
+    if not parallel_state.model_parallel_is_initialized():  # else: called from a test
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # The benchmark passes its own causal mask and runs no schedule or optimizer, so on
+        # CPU it needs megatron-core's RNG tracker but not the CUDA-to-CPU function mode.
+        initialize_distributed(function_mode=False)
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

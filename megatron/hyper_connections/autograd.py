@@ -5,10 +5,14 @@ every op that reads it (the RMS norm, the projection's input, the two stream mat
 intermediates such as every Sinkhorn iteration. These functions save only what their
 backward needs:
 
-- ``WidthConnection``: (h0, H_post, H_res) from X; saves X and recomputes the coefficients
-  and h0 = H_pre X in backward, so nothing inside the coefficient computation is kept.
+- ``WidthConnection``: (h0, H_post, H_res) from X; saves X and the dynamic projection (a few
+  numbers per token, see ``projection``). Backward rebuilds the small coefficient graph on
+  the projection (Sinkhorn included) with autograd, and writes dX = H_pre^T dh0 + the
+  projection's share by hand, in place.
 - ``DepthConnection``: X' = H_res X + H_post^T y with a hand-written backward; saves y and
   the small coefficients, and reads X from the same saved state as the width connection.
+  Its share of dX, H_res^T dX', is handed to the width connection's backward (which always
+  runs later) to complete in place, so autograd never adds two n*C gradients.
 
 Per transformer layer that is 2 (n + 1) units of one [s, b, C] activation beyond the
 residual layer: X and y for each of its two sublayers. With a ``StateChain`` (the mHC
@@ -41,6 +45,9 @@ class SavedState:
         self.previous = previous
         self.recipe = recipe  # (y_prev, h_post_prev, h_res_prev)
         self.kept = tensor is not None
+        # dX from the depth connection's backward, which the width connection's backward
+        # (always later) completes in place: no separate gradient for autograd to add up.
+        self.grad: Tensor | None = None
 
     def get(self, like: tuple[torch.Size, torch.dtype]) -> Tensor:
         if self.tensor is None:
@@ -90,7 +97,7 @@ class WidthConnection(torch.autograd.Function):
         ctx.like = (rows.shape, rows.dtype)
         dtype = coefficient_dtype(rows)
         projection = module.project(rows, dtype)
-        mixing = module.coefficients_of(projection, dtype)
+        mixing = module.coefficients(projection, dtype)
         h0 = width_connection(rows.to(dtype), mixing.h_pre).to(rows.dtype)
         # The state itself is `state.tensor`; with a state chain it is saved once per block.
         ctx.save_for_backward(*(rows if state.kept else None, *(projection or (None, None))))
@@ -117,7 +124,7 @@ class WidthConnection(torch.autograd.Function):
             p for p, need in zip(params, ctx.needs_input_grad[3:], strict=True) if need
         ]
         with torch.enable_grad():
-            mixing = module.coefficients_of(projection, dtype)
+            mixing = module.coefficients(projection, dtype)
         grad_h0 = None if grad_h0 is None else grad_h0.to(dtype).unflatten(-1, (-1, x.shape[-1]))
         grad_pre = (
             None if grad_h0 is None else _sum_to(grad_h0 @ x.transpose(-1, -2), mixing.h_pre.shape)
@@ -134,33 +141,33 @@ class WidthConnection(torch.autograd.Function):
             grads = dict(zip(map(id, leaves), found, strict=True))
 
         grad_rows = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = ctx.state.grad if ctx.state.grad is not None else torch.zeros_like(x)
+        ctx.state.grad = None
         if projection is not None:
             weight = module.dynamic_proj
             grad_projection = Projection(*(_zeros_if_none(grads.get(id(t)), t) for t in projection))
-            grad_inputs, grad_weight = rms_projection_backward(
-                module.projection_inputs(x), weight.to(dtype), projection, grad_projection
+            inputs = module.projection_inputs(x)
+            grad_weight = rms_projection_backward(
+                inputs,
+                weight.to(dtype),
+                projection,
+                grad_projection,
+                None if grad_rows is None else grad_rows.view_as(inputs),
             )
-            grad_rows = grad_inputs.view_as(x)
             if id(weight) in grads:
                 grads[id(weight)] = grad_weight.to(weight.dtype)
-        if ctx.needs_input_grad[1] and grad_h0 is not None:
+        if grad_rows is not None and grad_h0 is not None:
             # dX += H_pre^T dh0; for k = 1 an outer product, done in place.
             h_pre_t = mixing.h_pre.detach().transpose(-1, -2)
             if grad_h0.shape[-2] > 1:
-                share = h_pre_t @ grad_h0
-                grad_rows = share if grad_rows is None else grad_rows.add_(share)
-            elif grad_rows is None:
-                grad_rows = h_pre_t * grad_h0
+                grad_rows.add_(h_pre_t @ grad_h0)
             else:
                 grad_rows.addcmul_(h_pre_t, grad_h0)
         param_grads = [
             grads.get(id(p)) if need else None
             for p, need in zip(params, ctx.needs_input_grad[3:], strict=True)
         ]
-        if not ctx.needs_input_grad[1]:
-            grad_rows = None
-        elif grad_rows is None:
-            grad_rows = torch.zeros_like(rows)
         return None, None if grad_rows is None else grad_rows.to(rows.dtype), None, *param_grads
 
 
@@ -180,10 +187,12 @@ class DepthConnection(torch.autograd.Function):
         rows = ctx.state.get(ctx.like)
         compute = h_res.dtype
         row_size = rows.shape[-1]
-        grad = grad_out.to(compute).unflatten(-1, (-1, row_size))  # dX', [..., N, D]
+        # contiguous: a broadcast gradient (e.g. of a sum) would make bmm go token by token
+        grad = grad_out.to(compute).contiguous().unflatten(-1, (-1, row_size))  # dX' [T, N, D]
         y_rows = y.to(compute).unflatten(-1, (-1, row_size))  # [..., k, D], k = 1 or N
 
-        grad_rows = h_res.transpose(-1, -2) @ grad  # H_res^T dX'
+        # H_res^T dX', completed by the width connection's backward (see SavedState.grad).
+        ctx.state.grad = h_res.transpose(-1, -2) @ grad
         grad_res = grad @ rows.to(compute).transpose(-1, -2)  # dX' X^T
         if y_rows.shape[-2] == 1:  # every row received the same y: matmuls, no temporaries
             grad_post = (grad @ y_rows.transpose(-1, -2)).squeeze(-1)
@@ -192,7 +201,7 @@ class DepthConnection(torch.autograd.Function):
             grad_post = (grad * y_rows).sum(dim=-1)
             grad_y = h_post.unsqueeze(-1) * grad
         return (
-            grad_rows.to(rows.dtype),
+            None,
             grad_y.flatten(-2).to(ctx.y_dtype),
             _sum_to(grad_post, h_post.shape),
             _sum_to(grad_res, h_res.shape),

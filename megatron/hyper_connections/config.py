@@ -24,6 +24,8 @@ _HC_ONLY_DEFAULTS = {
     "hyper_connections_tanh": True,
     "hyper_connections_scale_output_init": False,
     "recompute_hyper_connections": False,
+    "hyper_connections_compile": False,
+    "hyper_connections_fused_kernels": False,
 }
 _MHC_ONLY_DEFAULTS = {
     "mhc_sinkhorn_iters": 20,
@@ -77,6 +79,17 @@ class TransformerConfig(MCoreTransformerConfig):
     to block-size states (2n^2 units) while it runs. The mHC paper's optimum of kept plus
     rebuilt states, round(sqrt(n * L / (n + 2))) for L sublayers, is within a few percent of
     the same total for deep stages."""
+
+    hyper_connections_compile: bool = False
+    """Run the coefficient computation (RMS factor, gates, tanh / sigmoid, Sinkhorn and their
+    backward) through ``torch.compile``: dozens of small per-token ops, hundreds for mHC's
+    Sinkhorn, become a few fused kernels. Costs a compilation on the first steps."""
+
+    hyper_connections_fused_kernels: bool = False
+    """Triton kernels for the coefficients (mHC), the width connection H_pre X and the depth
+    connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA tensors. Needs
+    Triton; the PyTorch path remains where a kernel does not apply (CPU tensors, fp64,
+    log-domain Sinkhorn)."""
 
     mhc_sinkhorn_iters: int = 20
     """mHC: Sinkhorn-Knopp iterations producing H_res."""
@@ -158,6 +171,16 @@ class TransformerConfig(MCoreTransformerConfig):
                     f"recompute_hyper_connections=True needs hyper_connections_dropout=0, got "
                     f"hyper_connections_dropout={self.hyper_connections_dropout}: rebuilding a "
                     f"state would need its dropout masks"
+                )
+
+        if self.hyper_connections_fused_kernels:
+            from . import triton_kernels
+
+            if not triton_kernels.HAVE_TRITON:
+                raise ValueError(
+                    "hyper_connections_fused_kernels=True needs Triton, which is not "
+                    "installed: pip install triton (it comes with CUDA builds of torch), or "
+                    "use hyper_connections_fused_kernels=False"
                 )
 
         if self.num_fracs > 1:

@@ -23,8 +23,9 @@ for Frac-Connections. The gradient of W is proportional to s_a (or s_b), so W le
 although it starts at zero.
 """
 
+import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +107,13 @@ def hc_mixing(
     )
 
 
+@functools.cache
+def compiled(function: Callable[..., Mixing]) -> Callable[..., Mixing]:
+    """One compiled version of a pure coefficient function, shared by every module (compiling
+    a module's method would compile once per module)."""
+    return torch.compile(function)
+
+
 class HyperConnectionBase(nn.Module):
     """What every variant shares: the two connections around a branch, and monitoring.
 
@@ -122,7 +130,7 @@ class HyperConnectionBase(nn.Module):
         # Set by ``use_state_chain`` for the mHC paper's recomputation of the states.
         self.state_chain: StateChain | None = None
         self.chain_position = 0
-        self._compiled_coefficients: Callable[..., Mixing] | None = None
+        self.use_compile = False
 
     def use_state_chain(self, chain: StateChain | None, position: int) -> None:
         """Keep this sublayer's state for backward only at block starts of ``chain``, where
@@ -132,17 +140,17 @@ class HyperConnectionBase(nn.Module):
     def mixing(self, rows: Tensor) -> Mixing:
         """H_pre, H_post, H_res (fp32) for the state viewed as rows [..., N, D]."""
         dtype = coefficient_dtype(rows)
-        return self.coefficients_of(self.project(rows, dtype), dtype)
+        return self.coefficients(self.project(rows, dtype), dtype)
 
-    def compile_coefficients(self, **options: Any) -> None:
+    def compile_coefficients(self) -> None:
         """Run the coefficient computation through ``torch.compile``: on the PyTorch path it is
         dozens of small per-token ops (hundreds for mHC's Sinkhorn iterations) that compile
         into a few fused kernels, forward and backward."""
-        self._compiled_coefficients = torch.compile(self.coefficients, **options)
+        self.use_compile = True
 
-    def coefficients_of(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
-        """``coefficients``, compiled when ``compile_coefficients`` was called."""
-        return (self._compiled_coefficients or self.coefficients)(projection, dtype)
+    def coefficient_function(self, function: Callable[..., Mixing]) -> Callable[..., Mixing]:
+        """``function`` (a pure coefficient function), compiled if asked for."""
+        return compiled(function) if self.use_compile else function
 
     def project(self, rows: Tensor, dtype: torch.dtype) -> Projection | None:
         """The dynamic projection of the state (see ``projection``), None when static."""
@@ -329,7 +337,7 @@ class HyperConnection(HyperConnectionBase):
         def f(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(dtype)
 
-        return hc_coefficients(
+        return self.coefficient_function(hc_coefficients)(
             projection,
             f(self.static_pre),
             f(self.static_res),

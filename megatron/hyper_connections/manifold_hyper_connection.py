@@ -57,7 +57,15 @@ def mhc_coefficients(
     if projection is not None:
         scaled = (projection.proj * projection.inv_rms).squeeze(-2)
         proj = scaled.unflatten(-1, (num_proposals, width))
-        gate = gates.repeat_interleave(torch.tensor([n, n, n * n], device=gates.device), dim=-1)
+        # a_pre, a_post, a_res broadcast over their groups (no data-dependent shapes, which
+        # torch.compile could not trace).
+        gate = torch.cat(
+            [
+                g.expand(num_proposals, size)
+                for g, size in zip(gates.split(1, -1), (n, n, n * n), strict=True)
+            ],
+            dim=-1,
+        )
         t = gate * proj + bias
     t_pre, t_post, t_res = t.split([n, n, n * n], dim=-1)
     h_pre = torch.sigmoid(t_pre).mean(dim=-2)
@@ -163,7 +171,7 @@ class ManifoldHyperConnection(HyperConnectionBase):
         return rows.flatten(-2).unsqueeze(-2)  # the whole token, n*C values
 
     def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
-        return mhc_coefficients(
+        return self.coefficient_function(mhc_coefficients)(
             projection,
             self.bias.to(dtype),
             None if self.gates is None else self.gates.to(dtype),

@@ -37,15 +37,22 @@ def rms_projection(inputs: Tensor, weight: Tensor, eps: float) -> Projection:
 
 
 def rms_projection_backward(
-    inputs: Tensor, weight: Tensor, projection: Projection, grad: Projection
-) -> tuple[Tensor, Tensor]:
-    """Gradients of ``rms_projection`` for ``inputs`` and ``weight``.
+    inputs: Tensor,
+    weight: Tensor,
+    projection: Projection,
+    grad: Projection,
+    grad_inputs: Tensor | None = None,
+) -> Tensor:
+    """Gradient of ``rms_projection`` for ``weight``; adds the one for ``inputs`` to
+    ``grad_inputs`` in place when given (a contiguous tensor shaped like ``inputs``):
 
-    d inputs = d proj W^T - (d inv_rms inv_rms^3 / K) v,   d W = v^T d proj (over all vectors).
+        d inputs += d proj W^T - (d inv_rms inv_rms^3 / K) v,   d W = v^T d proj.
     """
-    # A contiguous W^T: the skinny matmul is several times slower on a transposed view.
-    grad_inputs = torch.matmul(grad.proj, weight.transpose(0, 1).contiguous())
-    scale = grad.inv_rms * projection.inv_rms.pow(3) / -inputs.shape[-1]
-    grad_inputs.addcmul_(inputs, scale)
-    grad_weight = torch.matmul(inputs.flatten(0, -2).transpose(0, 1), grad.proj.flatten(0, -2))
-    return grad_inputs, grad_weight
+    proj_grad = grad.proj.reshape(-1, grad.proj.shape[-1])
+    if grad_inputs is not None:
+        # A contiguous W^T: the skinny matmul can be several times slower on a view.
+        grad_inputs.view(-1, inputs.shape[-1]).addmm_(proj_grad, weight.t().contiguous())
+        scale = grad.inv_rms * projection.inv_rms.pow(3) / -inputs.shape[-1]
+        grad_inputs.addcmul_(inputs, scale)
+    # (d proj^T v)^T: the long token dimension is the contraction of a row-major product.
+    return torch.matmul(proj_grad.t(), inputs.reshape(-1, inputs.shape[-1])).t()

@@ -62,6 +62,8 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
         )
     for param in module.parameters():
         param.sequence_parallel = config.sequence_parallel
+    if config.hyper_connections_compile:
+        module.compile_coefficients()
     return module
 
 

@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-hyper-connections", action="store_true")
     g.add_argument("--hyper-connections-recompute-block-size", type=_positive_int)
     g.add_argument(
+        "--hyper-connections-compile",
+        action="store_true",
+        help="torch.compile the coefficient computation (the PyTorch path)",
+    )
+    g.add_argument(
+        "--hyper-connections-fused-kernels",
+        action="store_true",
+        help="Triton kernels for coefficients and connections on CUDA",
+    )
+    g.add_argument(
         "--log-mhc-amax",
         action="store_true",
         help="also log each sublayer's log_amax (log of the largest singular value of H_res)",
@@ -691,6 +701,8 @@ _HC_FIELDS = (
     "mhc_h_res_bias_init",
     "recompute_hyper_connections",
     "hyper_connections_recompute_block_size",
+    "hyper_connections_compile",
+    "hyper_connections_fused_kernels",
 )
 
 # Config fields set by a flag of another name.

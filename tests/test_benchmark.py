@@ -1,0 +1,80 @@
+"""tools/benchmark.py on a tiny model: the table it writes and the memory it reports.
+
+Times are not asserted (they belong to the benchmark); saved-for-backward bytes are exact and
+hardware independent, so the memory targets are checked here.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import benchmark  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("megatron_single_rank")
+
+HIDDEN = 256
+
+
+def per_token_numbers(row: dict) -> int:
+    """Numbers per token that a sublayer keeps besides X and y: the dynamic projection
+    (values and RMS factors), H_post and H_res."""
+    n = row["options"]["num_residual_streams"]
+    if row["options"].get("use_manifold_hyper_connections"):
+        projection = n * n + 2 * n + 1
+    else:
+        projection = n * (n + 2) + n
+    return projection + n + n * n
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark")
+    argv = [
+        *("--hidden-size", str(HIDDEN), "--num-attention-heads", "4", "--seq-length", "16"),
+        *("--num-layers", "4", "--vocab-size", "64", "--repeats", "1", "--warmup", "0"),
+        *("--streams", "2", "4", "--output-dir", str(out)),
+    ]
+    result = benchmark.main(argv)
+    assert json.loads((out / "benchmark.json").read_text()) == json.loads(json.dumps(result))
+    assert "| gpt | mHC n=4 +recompute |" in (out / "benchmark.md").read_text()
+    return result
+
+
+def test_every_variant_in_every_scope(result):
+    names = [(row["scope"], row["variant"]) for row in result["results"]]
+    expected = ["residual", "DHC n=2", "DHC n=4", "mHC n=2", "mHC n=4"]
+    expected += ["DHC n=4 +recompute", "mHC n=4 +recompute"]
+    assert names == [(scope, name) for scope in ("layer", "gpt") for name in expected]
+    for row in result["results"]:
+        if row["variant"] == "residual":
+            assert row["time_ratio"] == 1.0 and row["extra_saved_units_per_layer"] == 0.0
+        else:
+            assert row["parameter_overhead"] > 0 and row["flop_overhead"] > 0
+            assert row["step_ms"] > 0
+
+
+def test_lean_autograd_saves_at_most_two_n_plus_one_units_per_layer(result):
+    for row in result["results"]:
+        if row["variant"] == "residual" or "recompute" in row["variant"]:
+            continue
+        n = row["options"]["num_residual_streams"]
+        allowance = 2 * per_token_numbers(row) / HIDDEN
+        extra = row["extra_saved_units_per_layer"]
+        assert 2 * (n + 1) - 0.01 <= extra <= 2 * (n + 1) + allowance, (row["variant"], extra)
+
+
+def test_hc_recompute_saves_at_most_three_units_per_layer(result):
+    rows = [r for r in result["results"] if r["scope"] == "gpt" and "recompute" in r["variant"]]
+    assert rows
+    for row in rows:
+        extra = row["extra_saved_units_per_layer"]
+        assert extra <= 3 + 2 * per_token_numbers(row) / HIDDEN, (row["variant"], extra)
+
+
+def test_bad_arguments_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--streams", "1", "4"])
+    assert "--streams must be >= 2 (mHC needs two streams), got [1]" in capsys.readouterr().err
