@@ -38,8 +38,12 @@ setup(
         "train": ["tensorboard>=2.14"],
         # tools/plot_stability.py and tools/demo.py (PNG figures).
         "plots": ["matplotlib>=3.8"],
+        # Fused kernels (hyper_connections_fused_kernels); CUDA builds of torch bring it.
+        "triton": ["triton>=3.0"],
         "dev": [
             "pytest>=8",
+            # The kernels' tests run on CPU in Triton's interpreter.
+            'triton>=3.0; platform_system == "Linux"',
             "ruff>=0.6",
             "tokenizers>=0.19",
             "tensorboard>=2.14",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import benchmark  # noqa: E402
+import benchmark
 
 pytestmark = pytest.mark.usefixtures("megatron_single_rank")
 

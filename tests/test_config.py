@@ -93,3 +93,17 @@ def test_output_init_scaling():
         c.output_layer_init_method(weight)
         weights.append(weight)
     torch.testing.assert_close(weights[1], weights[0] / 2)
+
+
+def test_fused_kernels_need_triton(monkeypatch):
+    from megatron.hyper_connections import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
+    with pytest.raises(ValueError) as error:
+        TransformerConfig(
+            **TINY,
+            use_hyper_connections=True,
+            num_residual_streams=4,
+            hyper_connections_fused_kernels=True,
+        )
+    assert str(error.value).startswith("hyper_connections_fused_kernels=True needs Triton")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .projection import Projection, rms_projection_backward
-from .streams import coefficient_dtype, depth_connection, width_connection
+from .streams import coefficient_dtype, depth_connection
 
 __all__ = ["DepthConnection", "SavedState", "StateChain", "WidthConnection"]
 
@@ -98,7 +98,7 @@ class WidthConnection(torch.autograd.Function):
         dtype = coefficient_dtype(rows)
         projection = module.project(rows, dtype)
         mixing = module.coefficients(projection, dtype)
-        h0 = width_connection(rows.to(dtype), mixing.h_pre).to(rows.dtype)
+        h0 = module.branch_input(rows, mixing.h_pre)
         # The state itself is `state.tensor`; with a state chain it is saved once per block.
         ctx.save_for_backward(*(rows if state.kept else None, *(projection or (None, None))))
         h_post, h_res = mixing.h_post, mixing.h_res

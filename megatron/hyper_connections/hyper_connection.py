@@ -28,8 +28,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import triton_kernels
 from .autograd import DepthConnection, SavedState, StateChain, WidthConnection
 from .metrics import log_amax
 from .projection import Projection, rms_projection
@@ -131,6 +133,7 @@ class HyperConnectionBase(nn.Module):
         self.state_chain: StateChain | None = None
         self.chain_position = 0
         self.use_compile = False
+        self.fused_kernels = False
 
     def use_state_chain(self, chain: StateChain | None, position: int) -> None:
         """Keep this sublayer's state for backward only at block starts of ``chain``, where
@@ -148,6 +151,15 @@ class HyperConnectionBase(nn.Module):
         into a few fused kernels, forward and backward."""
         self.use_compile = True
 
+    def use_fused_kernels(self) -> None:
+        """Use the Triton kernels of ``triton_kernels`` wherever they apply to the tensors at
+        hand (CUDA, fp32/bf16/fp16); the PyTorch path does the rest."""
+        self.fused_kernels = True
+
+    def fused(self, *tensors: Tensor | None) -> bool:
+        """Whether the Triton kernels are asked for and can run on ``tensors``."""
+        return self.fused_kernels and triton_kernels.supported(*tensors)
+
     def coefficient_function(self, function: Callable[..., Mixing]) -> Callable[..., Mixing]:
         """``function`` (a pure coefficient function), compiled if asked for."""
         return compiled(function) if self.use_compile else function
@@ -156,8 +168,19 @@ class HyperConnectionBase(nn.Module):
         """The dynamic projection of the state (see ``projection``), None when static."""
         if self.dynamic_proj is None:
             return None
-        inputs = self.projection_inputs(rows.to(dtype))
-        return rms_projection(inputs, self.dynamic_proj.to(dtype), self.eps)
+        weight = self.dynamic_proj.to(dtype)
+        if self.fused(rows, weight):  # one pass over X for the product and the norm
+            proj, inv_rms = triton_kernels.rms_projection(
+                self.projection_inputs(rows), weight, self.eps
+            )
+            return Projection(proj, inv_rms.unsqueeze(-1))
+        return rms_projection(self.projection_inputs(rows.to(dtype)), weight, self.eps)
+
+    def branch_input(self, rows: Tensor, h_pre: Tensor) -> Tensor:
+        """h0 = H_pre X, [..., k*D] in the state's dtype."""
+        if self.fused(rows, h_pre):
+            return triton_kernels.width_connection(rows, h_pre)
+        return width_connection(rows.to(h_pre.dtype), h_pre).to(rows.dtype)
 
     def projection_inputs(self, rows: Tensor) -> Tensor:
         """The vectors that are RMS-normalised and projected, [..., R, K], from [..., N, D]."""
@@ -185,7 +208,7 @@ class HyperConnectionBase(nn.Module):
             saved = None
             mixing = self.mixing(rows)
             h_post, h_res = mixing.h_post, mixing.h_res
-            branch_input = width_connection(rows.to(h_res.dtype), mixing.h_pre).to(rows.dtype)
+            branch_input = self.branch_input(rows, mixing.h_pre)
         # Kept (detached, no copy) for monitoring; read only when metrics are asked for.
         per_token = h_res.dim() == 3
         self._last_h_res = (
@@ -196,11 +219,40 @@ class HyperConnectionBase(nn.Module):
         branch_input = branch_input.view(*state.shape[:-1], -1)
         return branch_input, Residual(rows, h_post, h_res, saved)
 
-    def depth_connection(self, branch_output: Tensor, residual: Residual) -> Tensor:
-        """New state X' = H_res X + H_post^T y, [..., N*D], in the state's dtype."""
+    def depth_connection(
+        self,
+        branch_output: Tensor,
+        residual: Residual,
+        bias: Tensor | None = None,
+        dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> Tensor:
+        """New state X' = H_res X + H_post^T y, [..., N*D] in the state's dtype, with
+        y = dropout(branch_output + bias): the residual layer's bias-dropout-add merged in.
+
+        ``seed`` seeds the fused kernel's dropout mask (drawn from torch's CPU generator when
+        None); the PyTorch path uses torch's dropout.
+        """
         rows, h_post, h_res, saved = residual
         lead = branch_output.shape[:-1]
         branch_output = branch_output.reshape(rows.shape[0], -1)
+        # The fused kernel keeps X itself, so it gives way to the state chain; it has no
+        # per-row HC dropout.
+        if (
+            self.state_chain is None
+            and self.dropout == 0.0
+            and self.fused(rows, branch_output, bias, h_res)
+        ):
+            if seed is None:
+                seed = int(torch.randint(2**31 - 1, ()))
+            new_state = triton_kernels.depth_connection(
+                rows, branch_output, bias, h_post, h_res, dropout, self.training, seed
+            )
+            return new_state.view(*lead, -1)
+        if bias is not None:
+            branch_output = branch_output + bias
+        if dropout > 0.0 and self.training:
+            branch_output = F.dropout(branch_output, p=dropout, training=True)
         if saved is None:
             compute = h_res.dtype
             new_state = depth_connection(

@@ -29,6 +29,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import triton_kernels
 from .hyper_connection import HyperConnectionBase
 from .projection import Projection, rms_projection
 from .sinkhorn import sinkhorn_knopp
@@ -171,10 +172,22 @@ class ManifoldHyperConnection(HyperConnectionBase):
         return rows.flatten(-2).unsqueeze(-2)  # the whole token, n*C values
 
     def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+        gates = None if self.gates is None else self.gates.to(dtype)
+        bias = self.bias.to(dtype)
+        fused_inputs = () if projection is None else projection
+        if not self.log_domain_sinkhorn and self.fused(bias, *fused_inputs):
+            proj = inv_rms = None
+            if projection is not None:  # [T, 1, P*W] and [T, 1, 1] -> [T, P, W] and [T]
+                proj = projection.proj.squeeze(-2).unflatten(-1, bias.shape)
+                inv_rms = projection.inv_rms.flatten(-3)
+            h_pre, h_post, h_res = triton_kernels.mhc_coefficients(
+                proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
+            )
+            return Mixing(h_pre, h_post, h_res)
         return self.coefficient_function(mhc_coefficients)(
             projection,
-            self.bias.to(dtype),
-            None if self.gates is None else self.gates.to(dtype),
+            bias,
+            gates,
             sinkhorn_iters=self.sinkhorn_iters,
             log_domain_sinkhorn=self.log_domain_sinkhorn,
         )

@@ -10,7 +10,7 @@ trained and dropout is applied exactly as in the residual layer.
 """
 
 import torch
-import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
@@ -64,6 +64,8 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
         param.sequence_parallel = config.sequence_parallel
     if config.hyper_connections_compile:
         module.compile_coefficients()
+    if config.hyper_connections_fused_kernels:
+        module.use_fused_kernels()
     return module
 
 
@@ -79,16 +81,25 @@ class _DepthConnectionBDA:
         self.hyper_connection = hyper_connection
         self.residual = None
 
+    def seed(self) -> int | None:
+        """The fused kernel's dropout seed: from torch's CPU generator, which megatron seeds
+        alike on the ranks of a tensor-parallel group, so offset by the rank there: under
+        sequence parallelism each rank holds other tokens and needs its own mask (megatron's
+        own bias-dropout-add forks its model-parallel RNG for the same reason)."""
+        if not self.hyper_connection.fused_kernels:
+            return None
+        seed = int(torch.randint(2**31 - 1, ()))
+        return (seed + 7919 * parallel_state.get_tensor_model_parallel_rank()) % (2**31 - 1)
+
     def __call__(self, training: bool, fused: bool):
-        del fused  # the depth connection has its own (unfused) implementation
+        del fused  # the depth connection has its own fused kernel (hyper_connections_fused_kernels)
 
         def merge(output_with_bias: tuple[Tensor, Tensor | None], _branch_input, prob: float):
             output, bias = output_with_bias
-            if bias is not None:
-                output = output + bias
-            branch_output = F.dropout(output, p=prob, training=training)
             residual, self.residual = self.residual, None
-            return self.hyper_connection.depth_connection(branch_output, residual)
+            return self.hyper_connection.depth_connection(
+                output, residual, bias=bias, dropout=prob if training else 0.0, seed=self.seed()
+            )
 
         return merge
 

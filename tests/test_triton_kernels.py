@@ -1,0 +1,360 @@
+"""The fused Triton kernels against the PyTorch reference: values and every input's gradient.
+
+Runs on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels
+are defined, i.e. before ``triton_kernels`` is first imported).
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton installed")
+
+from megatron.hyper_connections import streams
+from megatron.hyper_connections import triton_kernels as tk
+from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if not tk.supported(torch.empty(0, device=DEVICE)):
+    pytest.skip(
+        "the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before they are imported",
+        allow_module_level=True,
+    )
+
+TOL = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype=torch.float32) -> None:
+    assert actual.shape == expected.shape
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+def _grads(outputs, inputs, seed: int = 1):
+    """Gradients of a random linear function of ``outputs`` w.r.t. ``inputs``."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=gen, device=DEVICE).to(o.dtype) for o in outputs]
+    return torch.autograd.grad(outputs, inputs, cotangents)
+
+
+def _leaf(*shape, scale: float = 1.0, shift: float = 0.0, dtype=torch.float32):
+    t = (scale * torch.randn(*shape, device=DEVICE) + shift).to(dtype)
+    return t.requires_grad_()
+
+
+# ---------------------------------------------------------------------------------------
+# mHC coefficients
+# ---------------------------------------------------------------------------------------
+
+
+def reference_coefficients(proj, inv_rms, gates, bias, n: int, iters: int):
+    """``mhc_mixing`` after its projection: sigmoid, 2 sigmoid and exp-domain Sinkhorn."""
+    t = bias
+    if proj is not None:
+        sizes = torch.tensor([n, n, n * n], device=gates.device)
+        gate = gates.repeat_interleave(sizes, dim=-1)
+        t = gate * (proj * inv_rms.reshape(*proj.shape[:-2], 1, 1)) + bias
+    t_pre, t_post, t_res = t.split([n, n, n * n], dim=-1)
+    h_pre = torch.sigmoid(t_pre).mean(dim=-2).unsqueeze(-2)
+    h_post = (2.0 * torch.sigmoid(t_post)).mean(dim=-2)
+    h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), iters, log_domain=False).mean(dim=-3)
+    return h_pre, h_post, h_res
+
+
+def _mhc_inputs(n: int, num_proposals: int, tokens: tuple[int, ...], bias_scale: float = 1.0):
+    width = n * n + 2 * n
+    proj = _leaf(*tokens, num_proposals, width)
+    inv_rms = (0.5 + torch.rand(tokens, device=DEVICE)).requires_grad_()
+    gates = _leaf(num_proposals, 3, scale=0.5, shift=0.5)
+    bias = _leaf(num_proposals, width, scale=bias_scale)
+    return proj, inv_rms, gates, bias
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("num_proposals", [1, 3])
+def test_mhc_coefficients_dynamic(n: int, num_proposals: int) -> None:
+    torch.manual_seed(n * 10 + num_proposals)
+    inputs = _mhc_inputs(n, num_proposals, (3, 5))  # leading dims are flattened
+    ours = tk.mhc_coefficients(*inputs, n, 6)
+    ref = reference_coefficients(*inputs, n, 6)
+    assert [o.shape for o in ours] == [(3, 5, 1, n), (3, 5, n), (3, 5, n, n)]
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs), strict=True):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("num_proposals", [1, 3])
+def test_mhc_coefficients_static(n: int, num_proposals: int) -> None:
+    torch.manual_seed(n * 10 + num_proposals)
+    bias = _leaf(num_proposals, n * n + 2 * n, scale=2.0)
+    ours = tk.mhc_coefficients(None, None, None, bias, n, 5)
+    ref = reference_coefficients(None, None, None, bias, n, 5)
+    assert [o.shape for o in ours] == [(1, n), (n,), (n, n)]
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    _close(_grads(ours, [bias])[0], _grads(ref, [bias])[0])
+
+
+def test_mhc_coefficients_many_tokens_and_iterations() -> None:
+    """Several token blocks per launch (bias partials over programs) and the default 20
+    Sinkhorn rounds; a token count that does not fill the last block."""
+    torch.manual_seed(0)
+    n = 4
+    inputs = _mhc_inputs(n, 2, (70,), bias_scale=3.0)
+    ours = tk.mhc_coefficients(*inputs, n, 20)
+    ref = reference_coefficients(*inputs, n, 20)
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs), strict=True):
+        _close(a, b)
+
+
+def test_mhc_coefficients_ties_at_init() -> None:
+    """At init every row of t_res has tied maxima when b_res = 0 (and phi = 0): the row
+    max's gradient is then shared among the ties, as torch's amax does."""
+    n = 4
+    proj, inv_rms, gates, _ = _mhc_inputs(n, 1, (4,))
+    with torch.no_grad():
+        proj.zero_()
+    bias = torch.zeros(1, n * n + 2 * n, device=DEVICE, requires_grad=True)
+    inputs = (proj, inv_rms, gates, bias)
+    ours = tk.mhc_coefficients(*inputs, n, 3)
+    ref = reference_coefficients(*inputs, n, 3)
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs), strict=True):
+        _close(a, b)
+
+
+def test_mhc_coefficients_match_mhc_mixing() -> None:
+    """End to end: ``mhc_mixing`` of a state equals the kernel fed with x phi and 1 / RMS(x)."""
+    from megatron.hyper_connections.manifold_hyper_connection import mhc_mixing
+
+    torch.manual_seed(0)
+    n, C, P, eps = 4, 8, 2, 1e-5
+    width = n * n + 2 * n
+    state = _leaf(5, n, C)
+    phi = _leaf(n * C, P * width, scale=0.3)
+    gates = _leaf(P, 3, scale=0.5, shift=0.5)
+    bias = _leaf(P, width)
+    inputs = (state, phi, gates, bias)
+    ref = mhc_mixing(state, bias, gates, phi, sinkhorn_iters=7, eps=eps)
+    x = state.flatten(-2)
+    inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1) + eps)
+    ours = tk.mhc_coefficients((x @ phi).unflatten(-1, (P, width)), inv_rms, gates, bias, n, 7)
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs), strict=True):
+        _close(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# RMS projection
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tokens", "size", "num_cols", "dtype"),
+    [
+        ((3, 5), 40, 24, torch.float32),  # one K block, masked
+        ((70,), 150, 72, torch.float32),  # several token and K blocks, dphi split over tokens
+        ((4, 3), 96, 150, torch.float32),  # several column blocks
+        ((2, 7), 130, 24, torch.bfloat16),
+    ],
+)
+def test_rms_projection(tokens, size: int, num_cols: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(size)
+    x = _leaf(*tokens, size, dtype=dtype)
+    phi = _leaf(size, num_cols, scale=0.2)
+    proj, inv_rms = tk.rms_projection(x, phi, eps=1e-5)
+    xf = x.float()
+    ref_proj = xf @ phi
+    ref_inv = torch.rsqrt(xf.pow(2).mean(dim=-1) + 1e-5)
+    assert proj.shape == (*tokens, num_cols) and inv_rms.shape == tokens
+    tol = {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(proj, ref_proj, **tol)
+    torch.testing.assert_close(inv_rms, ref_inv, **tol)
+    ours = _grads([proj, inv_rms], [x, phi])
+    ref = _grads([ref_proj, ref_inv], [x, phi])
+    for a, b in zip(ours, ref, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(
+            a.float(), b.float(), **(tol if dtype == torch.float32 else TOL[dtype])
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# width connection
+# ---------------------------------------------------------------------------------------
+
+WIDTH_CASES = [(2, 1), (3, 1), (4, 1), (8, 1), (3, 3), (4, 4), (8, 8)]  # (N, k)
+
+
+def _coefficients(tokens: tuple[int, ...], k: int, num_rows: int, static: bool):
+    lead = () if static else tokens
+    h_pre = _leaf(*lead, k, num_rows, scale=0.5, shift=0.3)
+    h_post = _leaf(*lead, num_rows, scale=0.5, shift=1.0)
+    h_res = _leaf(*lead, num_rows, num_rows, scale=0.5)
+    return h_pre, h_post, h_res
+
+
+@pytest.mark.parametrize(("num_rows", "k"), WIDTH_CASES)
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_width_connection(num_rows: int, k: int, static: bool, dtype: torch.dtype) -> None:
+    torch.manual_seed(num_rows * 10 + k)
+    tokens, row_size = (2, 3), 24
+    rows = _leaf(*tokens, num_rows, row_size, dtype=dtype)
+    h_pre, _, _ = _coefficients(tokens, k, num_rows, static)
+    ours = tk.width_connection(rows, h_pre)
+    ref = streams.width_connection(rows.float(), h_pre).to(dtype)
+    _close(ours, ref, dtype)
+    for a, b in zip(_grads([ours], [rows, h_pre]), _grads([ref], [rows, h_pre]), strict=True):
+        _close(a, b, dtype)
+
+
+@pytest.mark.parametrize(("num_rows", "k"), [(4, 1), (8, 8)])
+def test_width_connection_several_row_blocks(num_rows: int, k: int) -> None:
+    """D larger than one block: dH_pre is summed over the D-block partials."""
+    torch.manual_seed(0)
+    row_size = 700
+    rows = _leaf(3, num_rows, row_size)
+    h_pre = _leaf(3, k, num_rows)
+    ours = tk.width_connection(rows, h_pre)
+    ref = streams.width_connection(rows, h_pre)
+    _close(ours, ref)
+    for a, b in zip(_grads([ours], [rows, h_pre]), _grads([ref], [rows, h_pre]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# depth connection (+ bias, dropout)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_rows", "k"), WIDTH_CASES)
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_depth_connection(
+    num_rows: int, k: int, static: bool, dtype: torch.dtype, with_bias: bool
+) -> None:
+    torch.manual_seed(num_rows * 10 + k)
+    tokens, row_size = (2, 3), 24
+    rows = _leaf(*tokens, num_rows, row_size, dtype=dtype)
+    out = _leaf(*tokens, k * row_size, dtype=dtype)
+    bias = _leaf(k * row_size, scale=0.5, dtype=dtype) if with_bias else None
+    _, h_post, h_res = _coefficients(tokens, k, num_rows, static)
+    # dropout p > 0 outside training is no dropout
+    ours = tk.depth_connection(rows, out, bias, h_post, h_res, 0.3, False, 123)
+    y = out.float() + (0.0 if bias is None else bias.float())
+    ref = streams.depth_connection(rows.float(), y, h_post, h_res).to(dtype)
+    _close(ours, ref, dtype)
+    inputs = [t for t in (rows, out, bias, h_post, h_res) if t is not None]
+    for a, b in zip(_grads([ours], inputs), _grads([ref], inputs), strict=True):
+        _close(a, b, dtype)
+
+
+def test_depth_connection_several_row_blocks() -> None:
+    torch.manual_seed(0)
+    num_rows, row_size = 4, 1100
+    rows = _leaf(2, num_rows, row_size)
+    out = _leaf(2, row_size)
+    bias = _leaf(row_size)
+    _, h_post, h_res = _coefficients((2,), 1, num_rows, static=False)
+    ours = tk.depth_connection(rows, out, bias, h_post, h_res)
+    ref = streams.depth_connection(rows, out + bias, h_post, h_res)
+    _close(ours, ref)
+    inputs = (rows, out, bias, h_post, h_res)
+    for a, b in zip(_grads([ours], inputs), _grads([ref], inputs), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_fp16_state(static: bool) -> None:
+    """A whole sublayer's connections with an fp16 state and branch (fp32 coefficients)."""
+    torch.manual_seed(0)
+    dtype, num_rows, row_size = torch.float16, 4, 40
+    rows = _leaf(3, num_rows, row_size, dtype=dtype)
+    out = _leaf(3, row_size, dtype=dtype)
+    bias = _leaf(row_size, scale=0.5, dtype=dtype)
+    h_pre, h_post, h_res = _coefficients((3,), 1, num_rows, static)
+    inputs = (rows, out, bias, h_pre, h_post, h_res)
+    ours = [
+        tk.width_connection(rows, h_pre),
+        tk.depth_connection(rows, out, bias, h_post, h_res),
+    ]
+    ref = [
+        streams.width_connection(rows.float(), h_pre).to(dtype),
+        streams.depth_connection(rows.float(), out.float() + bias, h_post, h_res).to(dtype),
+    ]
+    for a, b in zip(ours, ref, strict=True):
+        _close(a, b, dtype)
+    for a, b in zip(_grads(ours, inputs), _grads(ref, inputs), strict=True):
+        _close(a, b, dtype)
+
+
+def _keep_mask(tokens: int, num_rows: int, k: int, row_size: int, p: float, seed: int, **kw):
+    """The kernel's keep mask, read off a forward with X = 0, y = 1, H_post = 1: [T, N, D]."""
+    zeros = torch.zeros(tokens, num_rows, row_size, device=DEVICE)
+    ones = torch.ones(tokens, k * row_size, device=DEVICE)
+    h_post = torch.ones(num_rows, device=DEVICE)
+    h_res = torch.zeros(num_rows, num_rows, device=DEVICE)
+    new = tk.depth_connection(zeros, ones, None, h_post, h_res, p, True, seed, **kw)
+    new = new.unflatten(-1, (num_rows, row_size))
+    scale = torch.tensor(1.0 / (1.0 - p)).item()  # in fp32
+    assert set(new.unique().tolist()) <= {0.0, scale}
+    return new != 0
+
+
+@pytest.mark.parametrize(
+    ("k", "per_row_mask"), [(1, False), (1, True), (4, False)], ids=["k1", "k1-per-row", "kN"]
+)
+def test_depth_connection_dropout(k: int, per_row_mask: bool) -> None:
+    torch.manual_seed(0)
+    tokens, num_rows, row_size, p, seed = 6, 4, 100, 0.25, 1234
+    kw = {"per_row_mask": per_row_mask}
+    keep = _keep_mask(tokens, num_rows, k, row_size, p, seed, **kw)
+    assert abs((~keep).float().mean().item() - p) < 0.04
+    # a different seed gives a different mask, the same seed the same one
+    assert not torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed + 1, **kw))
+    assert torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed, **kw))
+    same_for_all_rows = bool((keep == keep[:, :1]).all())
+    assert same_for_all_rows == (k == 1 and not per_row_mask)
+
+    rows = _leaf(tokens, num_rows, row_size)
+    out = _leaf(tokens, k * row_size)
+    bias = _leaf(k * row_size, scale=0.5)
+    _, h_post, h_res = _coefficients((tokens,), k, num_rows, static=False)
+    inputs = (rows, out, bias, h_post, h_res)
+    ours = tk.depth_connection(rows, out, bias, h_post, h_res, p, True, seed, **kw)
+    again = tk.depth_connection(rows, out, bias, h_post, h_res, p, True, seed, **kw)
+    assert torch.equal(ours, again)
+    # the reference with the same mask: the backward regenerates exactly the forward's mask
+    y = (out + bias).unflatten(-1, (k, row_size))
+    y = y * keep / (1.0 - p)
+    ref = (h_res @ rows + h_post.unsqueeze(-1) * y).flatten(-2)
+    _close(ours, ref)
+    grads = _grads([ours], inputs)
+    for a, b in zip(grads, _grads([ref], inputs), strict=True):
+        _close(a, b)
+    grad_out = grads[1].unflatten(-1, (k, row_size))
+    if k == 1 and not per_row_mask:  # exactly zero where y was dropped, nonzero elsewhere
+        assert torch.equal(grad_out[:, 0] == 0, ~keep[:, 0])
+
+
+def test_supported() -> None:
+    assert tk.HAVE_TRITON
+    x = torch.zeros(2, device=DEVICE)
+    assert tk.supported(x, None, x.bfloat16(), x.half())
+    assert not tk.supported(x, x.double())
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        tk.width_connection(x.double().view(1, 2, 1), torch.ones(1, 2, device=DEVICE))
