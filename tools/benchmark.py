@@ -17,7 +17,7 @@ Writes ``benchmark.json`` and ``benchmark.md`` (the table) into ``--output-dir``
 
     python tools/benchmark.py                       # CPU default: hidden 1024, sequence 512
     python tools/benchmark.py --bf16 --hidden-size 2048 --num-layers 16 --seq-length 2048 \\
-        --scopes gpt --fused-kernels                 # a ~1B-parameter GPT on one GPU
+        --vocab-size 32768 --streams 4             # a ~1B-parameter GPT on one GPU
 """
 
 from __future__ import annotations
@@ -81,11 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4,
         help="stream count of the extra rows (HC recompute, torch.compile, fused kernels)",
     )
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
     parser.add_argument(
-        "--fused-kernels", action="store_true", help="add Triton kernel rows (CUDA + Triton)"
+        "--extras",
+        nargs="*",
+        choices=["recompute", "compile", "fused"],
+        default=None,
+        help="extra rows: HC recompute, torch.compile, Triton kernels (default: recompute and "
+        "compile, plus fused on CUDA with Triton)",
     )
-    parser.add_argument("--no-recompute", action="store_true", help="skip HC recompute rows")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmark"))
     args = parser.parse_args(argv)
@@ -102,11 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [n for n in args.streams if n < 2]
     if bad:
         parser.error(f"--streams must be >= 2 (mHC needs two streams), got {bad}")
-    if args.fused_kernels:
-        from megatron.hyper_connections import triton_kernels
+    from megatron.hyper_connections import triton_kernels
 
-        if not (torch.cuda.is_available() and triton_kernels.HAVE_TRITON):
-            parser.error("--fused-kernels needs a CUDA device and Triton")
+    fused_available = torch.cuda.is_available() and triton_kernels.HAVE_TRITON
+    if args.extras is None:
+        args.extras = ["recompute", "compile"] + ["fused"] * fused_available
+    elif "fused" in args.extras and not fused_available:
+        parser.error("--extras fused needs a CUDA device and Triton")
     return args
 
 
@@ -118,11 +123,12 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True}
         rows.append(Variant(f"mHC n={n}", mhc, n))
     n = args.extras_streams
-    extras = [("recompute", {"recompute_hyper_connections": True})] * (not args.no_recompute)
-    if args.compile:
-        extras.append(("compile", {"hyper_connections_compile": True}))
-    if args.fused_kernels:
-        extras.append(("fused", {"hyper_connections_fused_kernels": True}))
+    options_of = {
+        "recompute": {"recompute_hyper_connections": True},
+        "compile": {"hyper_connections_compile": True},
+        "fused": {"hyper_connections_fused_kernels": True},
+    }
+    extras = [(label, options_of[label]) for label in args.extras]
     for label, options in extras:
         rows.append(Variant(f"DHC n={n} +{label}", {"num_residual_streams": n, **options}, n))
         mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True, **options}

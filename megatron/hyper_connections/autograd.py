@@ -26,25 +26,32 @@ import torch
 from torch import Tensor, nn
 
 from .projection import Projection, rms_projection_backward
-from .streams import coefficient_dtype, depth_connection
+from .streams import Mixing, coefficient_dtype, depth_connection
 
 __all__ = ["DepthConnection", "SavedState", "StateChain", "WidthConnection"]
 
 
 class SavedState:
-    """The state X of one sublayer as kept for backward: the tensor itself, or a recipe to
-    rebuild it from the previous sublayer's state, X = H_res X_prev + H_post^T y_prev."""
+    """The input state X of one sublayer as kept for backward, and what the sublayer's two
+    backward functions share.
+
+    X is the tensor itself, or a recipe to rebuild it from the previous sublayer's state:
+    X = H_res X_prev + H_post^T y_prev. The coefficients are rebuilt from X once per backward,
+    with their autograd graph, by whichever of the two functions needs them first.
+    """
 
     def __init__(
         self,
         tensor: Tensor | None = None,
         previous: "SavedState | None" = None,
-        recipe: tuple[Tensor, Tensor, Tensor] | None = None,
+        branch_output: Tensor | None = None,
     ) -> None:
         self.tensor = tensor
         self.previous = previous
-        self.recipe = recipe  # (y_prev, h_post_prev, h_res_prev)
+        self.branch_output = branch_output  # y_prev of the recipe
         self.kept = tensor is not None
+        self.module: nn.Module | None = None  # the sublayer's hyper-connection
+        self.coefficients: tuple[Projection | None, Mixing] | None = None
         # dX from the depth connection's backward, which the width connection's backward
         # (always later) completes in place: no separate gradient for autograd to add up.
         self.grad: Tensor | None = None
@@ -52,17 +59,39 @@ class SavedState:
     def get(self, like: tuple[torch.Size, torch.dtype]) -> Tensor:
         if self.tensor is None:
             shape, dtype = like
-            y, h_post, h_res = self.recipe
-            previous = self.previous.get(like).to(h_res.dtype)
+            previous = self.previous.get(like)
+            _, mixing = self.previous.rebuild_coefficients(previous)
+            compute = mixing.h_res.dtype
             with torch.no_grad():
-                rows = depth_connection(previous, y.to(h_res.dtype), h_post, h_res)
+                rows = depth_connection(
+                    previous.to(compute),
+                    self.branch_output.to(compute),
+                    mixing.h_post,
+                    mixing.h_res,
+                )
             self.tensor = rows.to(dtype).view(shape)
         return self.tensor
 
+    def rebuild_coefficients(self, rows: Tensor) -> tuple[Projection | None, Mixing]:
+        """(projection, H_pre/H_post/H_res) of X, the projection as autograd leaves and the
+        coefficients with their graph on it and on the module's parameters."""
+        if self.coefficients is None:
+            dtype = coefficient_dtype(rows)
+            with torch.no_grad():
+                projection = self.module.project(rows, dtype)
+            if projection is not None:
+                projection = Projection(*(t.detach().requires_grad_() for t in projection))
+            with torch.enable_grad():
+                mixing = self.module.coefficients(projection, dtype)
+            self.coefficients = (projection, mixing)
+        return self.coefficients
+
     def release(self) -> None:
-        """Forget the tensor once its sublayer's backward is done: backward runs from the last
-        sublayer to the first, so nothing later needs it."""
-        self.tensor = None
+        """Forget what was rebuilt once the sublayer's backward is done: backward runs from
+        the last sublayer to the first, so nothing later needs it."""
+        self.coefficients = None
+        if not self.kept:
+            self.tensor = None
 
 
 class StateChain:
@@ -89,18 +118,18 @@ class StateChain:
 
 
 class WidthConnection(torch.autograd.Function):
-    """(h0, H_post, H_res) = f(X; parameters of ``module``), keeping X and the projection."""
+    """(h0, H_post, H_res) = f(X; parameters of ``module``), keeping X only."""
 
     @staticmethod
     def forward(ctx, module: nn.Module, rows: Tensor, state: SavedState, *params: Tensor):
-        ctx.module, ctx.state, ctx.params = module, state, params
+        ctx.state, ctx.params = state, params
         ctx.like = (rows.shape, rows.dtype)
+        state.module = module
         dtype = coefficient_dtype(rows)
-        projection = module.project(rows, dtype)
-        mixing = module.coefficients(projection, dtype)
+        mixing = module.coefficients(module.project(rows, dtype), dtype)
         h0 = module.branch_input(rows, mixing.h_pre)
         # The state itself is `state.tensor`; with a state chain it is saved once per block.
-        ctx.save_for_backward(*(rows if state.kept else None, *(projection or (None, None))))
+        ctx.save_for_backward(rows if state.kept else None)
         h_post, h_res = mixing.h_post, mixing.h_res
         if h_res.dim() == 2:  # static coefficients are (views of) parameters: return copies
             h_post, h_res = h_post.clone(), h_res.clone()
@@ -108,23 +137,18 @@ class WidthConnection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h0: Tensor | None, grad_post: Tensor | None, grad_res: Tensor | None):
-        module, params = ctx.module, ctx.params
-        _, *saved_projection = ctx.saved_tensors
-        rows = ctx.state.get(ctx.like)
-        ctx.state.release()
-        dtype = coefficient_dtype(rows)
+        state, params = ctx.state, ctx.params
+        module = state.module
+        rows = state.get(ctx.like)
+        # The coefficients are a small graph on the projection (a few numbers per token),
+        # usually rebuilt already by the depth connection's backward; feed it dH_pre = dh0 X^T,
+        # dH_post and dH_res.
+        projection, mixing = state.rebuild_coefficients(rows)
+        dtype = mixing.h_res.dtype
         x = rows.to(dtype)
-
-        # The coefficients are a small graph on the projection (a few numbers per token):
-        # rebuild it with autograd, feeding it dH_pre = dh0 X^T, dH_post and dH_res.
-        projection = None
-        if saved_projection[0] is not None:
-            projection = Projection(*(t.detach().requires_grad_() for t in saved_projection))
         leaves = list(projection or ()) + [
             p for p, need in zip(params, ctx.needs_input_grad[3:], strict=True) if need
         ]
-        with torch.enable_grad():
-            mixing = module.coefficients(projection, dtype)
         grad_h0 = None if grad_h0 is None else grad_h0.to(dtype).unflatten(-1, (-1, x.shape[-1]))
         grad_pre = (
             None if grad_h0 is None else _sum_to(grad_h0 @ x.transpose(-1, -2), mixing.h_pre.shape)
@@ -142,8 +166,9 @@ class WidthConnection(torch.autograd.Function):
 
         grad_rows = None
         if ctx.needs_input_grad[1]:
-            grad_rows = ctx.state.grad if ctx.state.grad is not None else torch.zeros_like(x)
-        ctx.state.grad = None
+            grad_rows = state.grad if state.grad is not None else torch.zeros_like(x)
+        state.grad = None
+        state.release()
         if projection is not None:
             weight = module.dynamic_proj
             grad_projection = Projection(*(_zeros_if_none(grads.get(id(t)), t) for t in projection))
@@ -172,19 +197,23 @@ class WidthConnection(torch.autograd.Function):
 
 
 class DepthConnection(torch.autograd.Function):
-    """X' = H_res X + H_post^T y (flattened to [..., N*D]), keeping y and the coefficients."""
+    """X' = H_res X + H_post^T y (flattened to [..., N*D]), keeping y only: X comes from the
+    state shared with the width connection, H_post and H_res are rebuilt from it."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, y: Tensor, h_post: Tensor, h_res: Tensor, state: SavedState):
         ctx.state, ctx.like, ctx.y_dtype = state, (rows.shape, rows.dtype), y.dtype
-        ctx.save_for_backward(y, h_post, h_res)
+        ctx.coefficient_shapes = (h_post.shape, h_res.shape)
+        ctx.save_for_backward(y)
         compute = h_res.dtype
         return depth_connection(rows.to(compute), y.to(compute), h_post, h_res).to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        y, h_post, h_res = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         rows = ctx.state.get(ctx.like)
+        _, mixing = ctx.state.rebuild_coefficients(rows)
+        h_post, h_res = mixing.h_post.detach(), mixing.h_res.detach()
         compute = h_res.dtype
         row_size = rows.shape[-1]
         # contiguous: a broadcast gradient (e.g. of a sum) would make bmm go token by token
@@ -203,8 +232,8 @@ class DepthConnection(torch.autograd.Function):
         return (
             None,
             grad_y.flatten(-2).to(ctx.y_dtype),
-            _sum_to(grad_post, h_post.shape),
-            _sum_to(grad_res, h_res.shape),
+            _sum_to(grad_post, ctx.coefficient_shapes[0]),
+            _sum_to(grad_res, ctx.coefficient_shapes[1]),
             None,
         )
 

@@ -266,7 +266,7 @@ class HyperConnectionBase(nn.Module):
             return new_state.to(rows.dtype).view(*lead, -1)
         new_state = DepthConnection.apply(rows, branch_output, h_post, h_res, saved)
         if self.state_chain is not None:
-            recipe = SavedState(previous=saved, recipe=(branch_output, h_post, h_res))
+            recipe = SavedState(previous=saved, branch_output=branch_output)
             self.state_chain.record_output(new_state, recipe)
         return new_state.view(*lead, -1)
 
