@@ -115,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def variants(args: argparse.Namespace) -> list[Variant]:
+def variants(args: argparse.Namespace, scope: str) -> list[Variant]:
     rows = [Variant("residual", None)]
     for n in args.streams:
         rows.append(Variant(f"DHC n={n}", {"num_residual_streams": n}, n))
@@ -128,7 +128,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         "compile": {"hyper_connections_compile": True},
         "fused": {"hyper_connections_fused_kernels": True},
     }
-    extras = [(label, options_of[label]) for label in args.extras]
+    # The state chain of HC recompute spans a TransformerBlock: nothing to chain in one layer.
+    labels = [label for label in args.extras if scope == "gpt" or label != "recompute"]
+    extras = [(label, options_of[label]) for label in labels]
     for label, options in extras:
         rows.append(Variant(f"DHC n={n} +{label}", {"num_residual_streams": n, **options}, n))
         mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True, **options}
@@ -301,7 +303,7 @@ def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> f
 
 def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     build = build_layer if scope == "layer" else build_gpt
-    cases = [build(args, variant, device) for variant in variants(args)]
+    cases = [build(args, variant, device) for variant in variants(args, scope)]
     dtype_bytes = 2 if args.bf16 else 4
     unit = args.seq_length * args.micro_batch_size * args.hidden_size * dtype_bytes
     layers = 1 if scope == "layer" else args.num_layers
@@ -345,7 +347,7 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
 def machine(device: torch.device) -> dict[str, Any]:
     info = {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model() or platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(device),
@@ -359,6 +361,17 @@ def machine(device: torch.device) -> dict[str, Any]:
     except Exception:  # pragma: no cover - metadata missing in odd installs
         pass
     return info
+
+
+def cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> str:

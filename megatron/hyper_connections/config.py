@@ -89,7 +89,8 @@ class TransformerConfig(MCoreTransformerConfig):
     """Triton kernels for the coefficients (mHC), the width connection H_pre X and the depth
     connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA tensors. Needs
     Triton; the PyTorch path remains where a kernel does not apply (CPU tensors, fp64,
-    log-domain Sinkhorn)."""
+    log-domain Sinkhorn, HC dropout, and the depth connection under
+    ``recompute_hyper_connections``, whose state chain the kernel would bypass)."""
 
     mhc_sinkhorn_iters: int = 20
     """mHC: Sinkhorn-Knopp iterations producing H_res."""
