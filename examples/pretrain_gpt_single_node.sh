@@ -46,9 +46,12 @@ parallel_args=(
     --use-distributed-optimizer --overlap-grad-reduce  # --overlap-grad-reduce needs DP > 1
     --bf16 --transformer-impl transformer_engine
 )
-hc_args=(  # mHC: n residual streams, H_res projected onto doubly stochastic matrices
+# mHC: n residual streams, H_res projected onto doubly stochastic matrices; the state kept
+# for backward once per n layers (3 extra activations per layer instead of 2(n+1)). Add
+# --hyper-connections-fused-kernels for the Triton kernels (see README, "Cost").
+hc_args=(
     --use-hyper-connections --num-residual-streams "$NUM_RESIDUAL_STREAMS"
-    --use-manifold-hyper-connections
+    --use-manifold-hyper-connections --recompute-hyper-connections
 )
 training_args=(
     --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
