@@ -63,3 +63,25 @@ def test_fused_kernels_use_the_kernels():
         patch.undo()
     assert sorted(set(calls)) == sorted(names)
 
+
+def test_fused_depth_applies_hidden_dropout():
+    """The merged bias-dropout-add drops branch outputs in training, reproducibly per seed."""
+    if not triton_kernels.supported(torch.zeros(1)):
+        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET unset)")
+    config = make_config(
+        VARIANTS["DHCx4"], hyper_connections_fused_kernels=True, hidden_dropout=0.5
+    )
+    model = build_gpt(config)
+    batch = lm_batch(seed=5)
+    model.eval()
+    evaluated = lm_loss(model, batch)
+    model.train()
+    torch.manual_seed(0)
+    first = lm_loss(model, batch)
+    first.backward()
+    torch.manual_seed(0)
+    again = lm_loss(model, batch)
+    assert not torch.equal(first, evaluated), "no dropout in training"
+    assert torch.equal(first, again), "same seed, different masks"
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name

@@ -5,14 +5,15 @@ every op that reads it (the RMS norm, the projection's input, the two stream mat
 intermediates such as every Sinkhorn iteration. These functions save only what their
 backward needs:
 
-- ``WidthConnection``: (h0, H_post, H_res) from X; saves X and the dynamic projection (a few
-  numbers per token, see ``projection``). Backward rebuilds the small coefficient graph on
-  the projection (Sinkhorn included) with autograd, and writes dX = H_pre^T dh0 + the
-  projection's share by hand, in place.
-- ``DepthConnection``: X' = H_res X + H_post^T y with a hand-written backward; saves y and
-  the small coefficients, and reads X from the same saved state as the width connection.
-  Its share of dX, H_res^T dX', is handed to the width connection's backward (which always
-  runs later) to complete in place, so autograd never adds two n*C gradients.
+- ``WidthConnection``: (h0, H_post, H_res) from X, saving X only.
+- ``DepthConnection``: X' = H_res X + H_post^T y with a hand-written backward, saving y only;
+  X comes from the state shared with the width connection.
+
+In backward the coefficients are rebuilt from X once (the projection, one pass over X, then
+the small graph after it, Sinkhorn included, with autograd) and shared by the two functions
+through the sublayer's ``SavedState``. The depth connection's share of dX, H_res^T dX', is
+handed to the width connection's backward (which always runs later), which completes it in
+place with H_pre^T dh0 and the projection's share: autograd never adds two n*C gradients.
 
 Per transformer layer that is 2 (n + 1) units of one [s, b, C] activation beyond the
 residual layer: X and y for each of its two sublayers. With a ``StateChain`` (the mHC

@@ -8,9 +8,9 @@ factor, which are all the rest of the computation needs:
     proj = v W  [..., R, M],    inv_rms = 1 / sqrt(mean(v^2) + eps)  [..., R, 1]
 
 Everything after this step works on M numbers per vector (M = k + N + 1 for HC, n^2 + 2n per
-proposal for mHC), so the memory-lean backward keeps ``Projection`` (a few dozen numbers per
-token) instead of recomputing it from the n*C state, and writes the state's gradient by hand
-(``rms_projection_backward``) in two large ops.
+proposal for mHC): the memory-lean backward rebuilds ``Projection`` from X (one pass), runs
+autograd only on the small graph after it, and writes the state's gradient by hand
+(``rms_projection_backward``) in two large in-place ops.
 """
 
 from typing import NamedTuple
