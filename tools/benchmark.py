@@ -239,8 +239,12 @@ def build_gpt(args: argparse.Namespace, variant: Variant, device: torch.device) 
     return Case(variant, forward, model)
 
 
-def causal_mask(seq_length: int, device: torch.device) -> Tensor:
-    """megatron-core's convention: True marks the masked (future) positions."""
+def causal_mask(seq_length: int, device: torch.device) -> Tensor | None:
+    """None on a GPU, where megatron-core's attention (local or TE) builds its causal mask
+    itself; on CPU an explicit one (True marks the masked, future positions), since the local
+    attention's default mask is created with device="cuda"."""
+    if device.type == "cuda":
+        return None
     return torch.ones(seq_length, seq_length, device=device).triu(1).bool()[None, None]
 
 
