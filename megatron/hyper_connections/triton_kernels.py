@@ -86,6 +86,24 @@ def _block_d(row_size: int, rows_per_tile: int) -> int:
 
 if HAVE_TRITON:
     # ------------------------------------------------------------------------------------
+    # shared pieces (inlined by Triton)
+    # ------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _load_tile(ptr, rows, rmask, cols, cmask, stride):
+        """Elements [rows, cols] of the row-major matrix at ptr in fp32, 0 outside the masks."""
+        mask = rmask[:, None] & cmask[None, :]
+        tile = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
+        return tile.to(tl.float32)
+
+    @triton.jit
+    def _store_tile(ptr, rows, rmask, cols, cmask, stride, value):
+        """Stores value at [rows, cols] of the row-major matrix at ptr, in ptr's dtype."""
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None] * stride + cols[None, :]
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+    # ------------------------------------------------------------------------------------
     # mHC coefficients
     # ------------------------------------------------------------------------------------
 
@@ -96,6 +114,36 @@ if HAVE_TRITON:
         m = m / tl.maximum(tl.sum(m, axis=1), tiny)[:, None, :]
         m = m / tl.maximum(tl.sum(m, axis=2), tiny)[:, :, None]
         return tl.where(mask, m, 0.0)
+
+    @triton.jit
+    def _mhc_block(
+        inv_rms_ptr,
+        T,
+        N: tl.constexpr,
+        BN: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        DYNAMIC: tl.constexpr,
+    ):
+        """This program's tokens and streams with their masks; tokens, masks and inverse RMS
+        broadcast to [BT, 1] (H_pre, H_post) and [BT, 1, 1] (H_res); H_res's offsets within W
+        and its stream mask, without and with the tokens'."""
+        tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = tok < T
+        n = tl.arange(0, BN)
+        nmask = n < N
+        if DYNAMIC:
+            r = tl.load(inv_rms_ptr + tok, mask=tmask, other=0.0).to(tl.float32)
+        else:
+            r = tl.zeros([BLOCK_T], dtype=tl.float32)
+        tmask3 = tmask[:, None, None]
+        moffs = n[None, :, None] * N + n[None, None, :] + 2 * N
+        mmask = nmask[None, :, None] & nmask[None, None, :]
+        return (
+            tok, tmask, n, nmask,
+            tok[:, None], tmask[:, None], r[:, None],
+            tok[:, None, None], tmask3, r[:, None, None],
+            moffs, mmask, mmask & tmask3,
+        )  # fmt: skip
 
     @triton.jit
     def _mhc_logits(
@@ -132,6 +180,32 @@ if HAVE_TRITON:
         return t, x, a
 
     @triton.jit
+    def _mhc_res_start(
+        proj_ptr,
+        gates_ptr,
+        bias_ptr,
+        tok3,
+        tmask3,
+        r3,
+        moffs,
+        mmask,
+        full3,
+        p,
+        P,
+        N: tl.constexpr,
+        DYNAMIC: tl.constexpr,
+    ):
+        """H_res's (t, raw proj, gate) of proposal p as ``_mhc_logits``, t's row max and
+        Sinkhorn's start exp(t - row max), zero outside ``full3``."""
+        t, x, a = _mhc_logits(
+            proj_ptr, r3, gates_ptr, bias_ptr, tok3, tmask3, p, P, moffs, mmask, 2, N, DYNAMIC
+        )
+        # Padded rows have max -inf: their (finite t) - max is +inf, removed by the where.
+        row_max = tl.max(tl.where(full3, t, float("-inf")), axis=2)
+        m0 = tl.where(full3, tl.exp(t - row_max[:, :, None]), 0.0)
+        return t, x, a, row_max, m0
+
+    @triton.jit
     def _mhc_fwd_kernel(
         proj_ptr,
         inv_rms_ptr,
@@ -148,23 +222,10 @@ if HAVE_TRITON:
         BLOCK_T: tl.constexpr,
         DYNAMIC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = tok < T
-        n = tl.arange(0, BN)
-        nmask = n < N
-        if DYNAMIC:
-            r = tl.load(inv_rms_ptr + tok, mask=tmask, other=0.0).to(tl.float32)
-        else:
-            r = tl.zeros([BLOCK_T], dtype=tl.float32)
-        # [BT, BN] for H_pre / H_post, [BT, BN, BN] for H_res
-        tok2, tmask2, r2 = tok[:, None], tmask[:, None], r[:, None]
-        tok3, tmask3, r3 = tok[:, None, None], tmask[:, None, None], r[:, None, None]
+        tok, tmask, n, nmask, tok2, tmask2, r2, tok3, tmask3, r3, moffs, mmask, full3 = _mhc_block(
+            inv_rms_ptr, T, N, BN, BLOCK_T, DYNAMIC
+        )
         vmask = nmask[None, :]
-        moffs = n[None, :, None] * N + n[None, None, :] + 2 * N
-        mmask = nmask[None, :, None] & nmask[None, None, :]
-        full3 = mmask & tmask3
-
         acc_pre = tl.zeros([BLOCK_T, BN], dtype=tl.float32)
         acc_post = tl.zeros([BLOCK_T, BN], dtype=tl.float32)
         acc_res = tl.zeros([BLOCK_T, BN, BN], dtype=tl.float32)
@@ -179,23 +240,63 @@ if HAVE_TRITON:
                 n[None, :] + N, vmask, 1, N, DYNAMIC,
             )  # fmt: skip
             acc_post += 2.0 * tl.sigmoid(t)
-            t, _x, _a = _mhc_logits(
-                proj_ptr, r3, gates_ptr, bias_ptr, tok3, tmask3, p, P,
-                moffs, mmask, 2, N, DYNAMIC,
+            _t, _x, _a, _row_max, m = _mhc_res_start(
+                proj_ptr, gates_ptr, bias_ptr, tok3, tmask3, r3, moffs, mmask, full3, p, P,
+                N, DYNAMIC,
             )  # fmt: skip
-            # Padded rows have max -inf: their (finite t) - max is +inf, removed by the where.
-            row_max = tl.max(tl.where(full3, t, float("-inf")), axis=2)
-            m = tl.where(full3, tl.exp(t - row_max[:, :, None]), 0.0)
             for _ in range(iters):
                 m = _sinkhorn_round(m, full3)
             acc_res += m
 
         inv_p = 1.0 / P
-        o2 = tok2 * N + n[None, :]
-        tl.store(pre_ptr + o2, acc_pre * inv_p, mask=tmask2 & vmask)
-        tl.store(post_ptr + o2, acc_post * inv_p, mask=tmask2 & vmask)
+        _store_tile(pre_ptr, tok, tmask, n, nmask, N, acc_pre * inv_p)
+        _store_tile(post_ptr, tok, tmask, n, nmask, N, acc_post * inv_p)
         o3 = tok3 * (N * N) + n[None, :, None] * N + n[None, None, :]
         tl.store(res_ptr + o3, acc_res * inv_p, mask=full3)
+
+    @triton.jit
+    def _mhc_sigmoid_bwd(
+        proj_ptr,
+        gates_ptr,
+        bias_ptr,
+        d_proj_ptr,
+        d_gates_ptr,
+        d_bias_ptr,
+        g,
+        d_r,
+        tok2,
+        tmask2,
+        r2,
+        n,
+        nmask,
+        p,
+        P,
+        scale: tl.constexpr,
+        group: tl.constexpr,
+        N: tl.constexpr,
+        DYNAMIC: tl.constexpr,
+    ):
+        """Backward of H = mean_p scale * sigmoid(t) for group 0 (H_pre) or 1 (H_post), g its
+        gradient over P: stores proposal p's d_proj and gate and bias partials and returns
+        d_r plus this group's share of d inv_rms."""
+        W: tl.constexpr = N * N + 2 * N
+        pid = tl.program_id(0)
+        vmask = nmask[None, :]
+        full2 = tmask2 & vmask
+        offs = n[None, :] + group * N
+        t, x, a = _mhc_logits(
+            proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P, offs, vmask, group, N, DYNAMIC
+        )
+        s = tl.sigmoid(t)
+        dt = tl.where(full2, scale * g * s * (1.0 - s), 0.0)
+        part = pid.to(tl.int64) * P * W  # this program's row of the bias partials
+        tl.store(d_bias_ptr + part + p * W + group * N + n, tl.sum(dt, axis=0), mask=nmask)
+        if DYNAMIC:
+            tl.store(d_proj_ptr + tok2 * (P * W) + p * W + offs, dt * a * r2, mask=full2)
+            d_r += tl.sum(dt * x, axis=1) * a
+            d_a = tl.sum(tl.sum(dt * x * r2, 1), 0)
+            tl.store(d_gates_ptr + (pid * P + p) * 3 + group, d_a)
+        return d_r
 
     @triton.jit
     def _mhc_bwd_kernel(
@@ -221,69 +322,37 @@ if HAVE_TRITON:
         """Gradients of one block of tokens; gates and bias as per-program partials."""
         W: tl.constexpr = N * N + 2 * N
         tiny = 1.1754943508222875e-38
-        pid = tl.program_id(0)
-        tok = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = tok < T
-        n = tl.arange(0, BN)
-        nmask = n < N
-        if DYNAMIC:
-            r = tl.load(inv_rms_ptr + tok, mask=tmask, other=0.0).to(tl.float32)
-        else:
-            r = tl.zeros([BLOCK_T], dtype=tl.float32)
-        tok2, tmask2, r2 = tok[:, None], tmask[:, None], r[:, None]
-        tok3, tmask3, r3 = tok[:, None, None], tmask[:, None, None], r[:, None, None]
-        vmask = nmask[None, :]
-        full2 = tmask2 & vmask
-        moffs = n[None, :, None] * N + n[None, None, :] + 2 * N
-        mmask = nmask[None, :, None] & nmask[None, None, :]
-        full3 = mmask & tmask3
+        tok, tmask, n, nmask, tok2, tmask2, r2, tok3, tmask3, r3, moffs, mmask, full3 = _mhc_block(
+            inv_rms_ptr, T, N, BN, BLOCK_T, DYNAMIC
+        )
         inv_p = 1.0 / P
-
-        o2 = tok2 * N + n[None, :]
-        g_pre = tl.load(g_pre_ptr + o2, mask=full2, other=0.0).to(tl.float32) * inv_p
-        g_post = tl.load(g_post_ptr + o2, mask=full2, other=0.0).to(tl.float32) * inv_p
+        g_pre = _load_tile(g_pre_ptr, tok, tmask, n, nmask, N) * inv_p
+        g_post = _load_tile(g_post_ptr, tok, tmask, n, nmask, N) * inv_p
         o3 = tok3 * (N * N) + n[None, :, None] * N + n[None, None, :]
         g_res = tl.load(g_res_ptr + o3, mask=full3, other=0.0).to(tl.float32) * inv_p
 
+        pid = tl.program_id(0)
         d_r = tl.zeros([BLOCK_T], dtype=tl.float32)
         part = pid.to(tl.int64) * P * W  # this program's row of the bias partials
         for p in range(P):
             # --- H_pre = mean_p sigmoid(t_pre), H_post = mean_p 2 sigmoid(t_post)
-            t, x, a = _mhc_logits(
-                proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P,
-                n[None, :], vmask, 0, N, DYNAMIC,
+            d_r = _mhc_sigmoid_bwd(
+                proj_ptr, gates_ptr, bias_ptr, d_proj_ptr, d_gates_ptr, d_bias_ptr,
+                g_pre, d_r, tok2, tmask2, r2, n, nmask, p, P, 1.0, 0, N, DYNAMIC,
             )  # fmt: skip
-            s = tl.sigmoid(t)
-            dt = tl.where(full2, g_pre * s * (1.0 - s), 0.0)
-            tl.store(d_bias_ptr + part + p * W + n, tl.sum(dt, axis=0), mask=nmask)
-            if DYNAMIC:
-                tl.store(d_proj_ptr + tok2 * (P * W) + p * W + n[None, :], dt * a * r2, mask=full2)
-                d_r += tl.sum(dt * x, axis=1) * a
-                tl.store(d_gates_ptr + (pid * P + p) * 3 + 0, tl.sum(tl.sum(dt * x * r2, 1), 0))
-
-            t, x, a = _mhc_logits(
-                proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P,
-                n[None, :] + N, vmask, 1, N, DYNAMIC,
+            d_r = _mhc_sigmoid_bwd(
+                proj_ptr, gates_ptr, bias_ptr, d_proj_ptr, d_gates_ptr, d_bias_ptr,
+                g_post, d_r, tok2, tmask2, r2, n, nmask, p, P, 2.0, 1, N, DYNAMIC,
             )  # fmt: skip
-            s = tl.sigmoid(t)
-            dt = tl.where(full2, 2.0 * g_post * s * (1.0 - s), 0.0)
-            tl.store(d_bias_ptr + part + p * W + N + n, tl.sum(dt, axis=0), mask=nmask)
-            if DYNAMIC:
-                offs = tok2 * (P * W) + p * W + N + n[None, :]
-                tl.store(d_proj_ptr + offs, dt * a * r2, mask=full2)
-                d_r += tl.sum(dt * x, axis=1) * a
-                tl.store(d_gates_ptr + (pid * P + p) * 3 + 1, tl.sum(tl.sum(dt * x * r2, 1), 0))
 
             # --- H_res = mean_p Sinkhorn(t_res), differentiated through the unrolled rounds.
             # Iterates are recomputed from m0 for every round (O(iters^2) small n x n
             # rounds per token, no scratch memory): the kernel stays register-only and the
             # iterates are bitwise those of the forward pass.
-            t, x, a = _mhc_logits(
-                proj_ptr, r3, gates_ptr, bias_ptr, tok3, tmask3, p, P,
-                moffs, mmask, 2, N, DYNAMIC,
+            t, x, a, row_max, m0 = _mhc_res_start(
+                proj_ptr, gates_ptr, bias_ptr, tok3, tmask3, r3, moffs, mmask, full3, p, P,
+                N, DYNAMIC,
             )  # fmt: skip
-            row_max = tl.max(tl.where(full3, t, float("-inf")), axis=2)
-            m0 = tl.where(full3, tl.exp(t - row_max[:, :, None]), 0.0)
             g = g_res
             for back in range(iters):
                 m = m0
@@ -324,6 +393,71 @@ if HAVE_TRITON:
             tl.store(d_inv_rms_ptr + tok, d_r, mask=tmask)
 
     # ------------------------------------------------------------------------------------
+    # per-(token, D block) tiles of the width and depth connections
+    # ------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _token_tile(D, R: tl.constexpr, BR: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's token, its index among the (token, D block) partials, and its
+        [BR, BLOCK_D] tile: the D block's elements and the rows r < R, each with a mask."""
+        tok = tl.program_id(0).to(tl.int64)
+        db = tl.program_id(1)
+        d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        r = tl.arange(0, BR)
+        return tok, tok * tl.num_programs(1) + db, d, d < D, r, r < R
+
+    @triton.jit
+    def _mix_fwd(
+        rows_ptr,
+        h_ptr,
+        D,
+        N: tl.constexpr,
+        R: tl.constexpr,
+        BR: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        STATIC: tl.constexpr,
+    ):
+        """This program's [BR, BLOCK_D] tile of h X in fp32, for rows X [T, N, D] and h [T, R, N]
+        (or [R, N] if STATIC); with the tile's token, D elements and rows and their masks."""
+        tok, _part, d, dmask, r, rmask = _token_tile(D, R, BR, BLOCK_D)
+        h_ptr += 0 if STATIC else tok * (R * N)
+        acc = tl.zeros([BR, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(N):
+            x = tl.load(rows_ptr + tok * (N * D) + j * D + d, mask=dmask, other=0.0)
+            h = tl.load(h_ptr + r * N + j, mask=rmask, other=0.0).to(tl.float32)
+            acc += h[:, None] * x.to(tl.float32)[None, :]
+        return tok, d, dmask, r, rmask, acc
+
+    @triton.jit
+    def _mix_bwd(
+        rows_ptr,
+        h_ptr,
+        g_ptr,
+        d_rows_ptr,
+        d_h_ptr,
+        D,
+        N: tl.constexpr,
+        R: tl.constexpr,
+        BR: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        STATIC: tl.constexpr,
+    ):
+        """Backward of ``_mix_fwd`` for its gradient g [T, R, D]: stores dX = h^T g and dh = g X^T
+        as partials [T, D blocks, R, N]; returns the tile as ``_mix_fwd`` does, with g."""
+        tok, part, d, dmask, r, rmask = _token_tile(D, R, BR, BLOCK_D)
+        h_ptr += 0 if STATIC else tok * (R * N)
+        d_h_ptr += part * (R * N)
+        g = _load_tile(g_ptr + tok * (R * D), r, rmask, d, dmask, D)
+        for j in tl.static_range(N):
+            h = tl.load(h_ptr + r * N + j, mask=rmask, other=0.0).to(tl.float32)
+            dx = tl.sum(h[:, None] * g, axis=0)
+            x_offs = tok * (N * D) + j * D + d
+            tl.store(d_rows_ptr + x_offs, dx.to(d_rows_ptr.dtype.element_ty), mask=dmask)
+            x = tl.load(rows_ptr + x_offs, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(d_h_ptr + r * N + j, tl.sum(g * x[None, :], axis=1), mask=rmask)
+        return tok, part, d, dmask, r, rmask, g
+
+    # ------------------------------------------------------------------------------------
     # width connection: h0 = H_pre X
     # ------------------------------------------------------------------------------------
 
@@ -339,23 +473,8 @@ if HAVE_TRITON:
         BLOCK_D: tl.constexpr,
         STATIC: tl.constexpr,
     ):
-        tok = tl.program_id(0).to(tl.int64)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        kk = tl.arange(0, BK)
-        kmask = kk < K
-        h_base = 0 if STATIC else tok * (K * N)
-        acc = tl.zeros([BK, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(N):
-            x = tl.load(rows_ptr + tok * (N * D) + j * D + d, mask=dmask, other=0.0)
-            h = tl.load(h_ptr + h_base + kk * N + j, mask=kmask, other=0.0).to(tl.float32)
-            acc += h[:, None] * x.to(tl.float32)[None, :]
-        offs = tok * (K * D) + kk[:, None] * D + d[None, :]
-        tl.store(
-            out_ptr + offs,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=kmask[:, None] & dmask[None, :],
-        )
+        tok, d, dmask, kk, kmask, acc = _mix_fwd(rows_ptr, h_ptr, D, N, K, BK, BLOCK_D, STATIC)
+        _store_tile(out_ptr + tok * (K * D), kk, kmask, d, dmask, D, acc)
 
     @triton.jit
     def _width_bwd_kernel(
@@ -372,24 +491,7 @@ if HAVE_TRITON:
         STATIC: tl.constexpr,
     ):
         """dX = H_pre^T dh0; dH_pre = dh0 X^T as partial sums [T, D blocks, K, N]."""
-        tok = tl.program_id(0).to(tl.int64)
-        db = tl.program_id(1)
-        d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        kk = tl.arange(0, BK)
-        kmask = kk < K
-        h_base = 0 if STATIC else tok * (K * N)
-        g_offs = tok * (K * D) + kk[:, None] * D + d[None, :]
-        g = tl.load(g_ptr + g_offs, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        g = g.to(tl.float32)
-        part = (tok * tl.num_programs(1) + db) * (K * N)
-        for j in tl.static_range(N):
-            h = tl.load(h_ptr + h_base + kk * N + j, mask=kmask, other=0.0).to(tl.float32)
-            dx = tl.sum(h[:, None] * g, axis=0)
-            x_offs = tok * (N * D) + j * D + d
-            tl.store(d_rows_ptr + x_offs, dx.to(d_rows_ptr.dtype.element_ty), mask=dmask)
-            x = tl.load(rows_ptr + x_offs, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(d_h_ptr + part + kk * N + j, tl.sum(g * x[None, :], axis=1), mask=kmask)
+        _mix_bwd(rows_ptr, h_ptr, g_ptr, d_rows_ptr, d_h_ptr, D, N, K, BK, BLOCK_D, STATIC)
 
     # ------------------------------------------------------------------------------------
     # depth connection: X' = H_res X + H_post^T dropout(y + bias)
@@ -461,29 +563,15 @@ if HAVE_TRITON:
         DROPOUT: tl.constexpr,
         PER_ROW: tl.constexpr,
     ):
-        tok = tl.program_id(0).to(tl.int64)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        n = tl.arange(0, BN)
-        nmask = n < N
-        res_base = 0 if STATIC else tok * (N * N)
-        post_base = 0 if STATIC else tok * N
-        acc = tl.zeros([BN, BLOCK_D], dtype=tl.float32)
-        for j in tl.static_range(N):
-            x = tl.load(rows_ptr + tok * (N * D) + j * D + d, mask=dmask, other=0.0)
-            h = tl.load(res_ptr + res_base + n * N + j, mask=nmask, other=0.0).to(tl.float32)
-            acc += h[:, None] * x.to(tl.float32)[None, :]
+        tok, d, dmask, n, nmask, acc = _mix_fwd(rows_ptr, res_ptr, D, N, N, BN, BLOCK_D, STATIC)
         y, _keep = _branch_rows(
             out_ptr, bias_ptr, tok, d, dmask, n, nmask, D, p_drop, scale, seed,
             N, K_IS_N, HAS_BIAS, DROPOUT, PER_ROW,
         )  # fmt: skip
+        post_base = 0 if STATIC else tok * N
         h_post = tl.load(post_ptr + post_base + n, mask=nmask, other=0.0).to(tl.float32)
         acc += h_post[:, None] * y
-        tl.store(
-            new_ptr + tok * (N * D) + n[:, None] * D + d[None, :],
-            acc.to(new_ptr.dtype.element_ty),
-            mask=nmask[:, None] & dmask[None, :],
-        )
+        _store_tile(new_ptr + tok * (N * D), n, nmask, d, dmask, D, acc)
 
     @triton.jit
     def _depth_bwd_kernel(
@@ -512,40 +600,21 @@ if HAVE_TRITON:
     ):
         """dX = H_res^T dX', dy = H_post-weighted dX' through the regenerated dropout mask;
         dH_res = dX' X^T and dH_post = <dX'[i], y_i> as partials per (token, D block)."""
-        tok = tl.program_id(0).to(tl.int64)
-        db = tl.program_id(1)
-        d = db * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = d < D
-        n = tl.arange(0, BN)
-        nmask = n < N
-        tile_mask = nmask[:, None] & dmask[None, :]
-        res_base = 0 if STATIC else tok * (N * N)
-        post_base = 0 if STATIC else tok * N
-        part = tok * tl.num_programs(1) + db
-        g = tl.load(g_ptr + tok * (N * D) + n[:, None] * D + d[None, :], mask=tile_mask, other=0.0)
-        g = g.to(tl.float32)
-        for j in tl.static_range(N):
-            h = tl.load(res_ptr + res_base + n * N + j, mask=nmask, other=0.0).to(tl.float32)
-            x_offs = tok * (N * D) + j * D + d
-            dx = tl.sum(h[:, None] * g, axis=0)
-            tl.store(d_rows_ptr + x_offs, dx.to(d_rows_ptr.dtype.element_ty), mask=dmask)
-            x = tl.load(rows_ptr + x_offs, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(d_res_ptr + part * (N * N) + n * N + j, tl.sum(g * x[None, :], 1), mask=nmask)
+        tok, part, d, dmask, n, nmask, g = _mix_bwd(
+            rows_ptr, res_ptr, g_ptr, d_rows_ptr, d_res_ptr, D, N, N, BN, BLOCK_D, STATIC
+        )
         y, keep = _branch_rows(
             out_ptr, bias_ptr, tok, d, dmask, n, nmask, D, p_drop, scale, seed,
             N, K_IS_N, HAS_BIAS, DROPOUT, PER_ROW,
         )  # fmt: skip
         tl.store(d_post_ptr + part * N + n, tl.sum(g * y, axis=1), mask=nmask)
+        post_base = 0 if STATIC else tok * N
         h_post = tl.load(post_ptr + post_base + n, mask=nmask, other=0.0).to(tl.float32)
         dy = h_post[:, None] * g
         if DROPOUT:
             dy = tl.where(keep, dy * scale, 0.0)
         if K_IS_N:
-            tl.store(
-                d_out_ptr + tok * (N * D) + n[:, None] * D + d[None, :],
-                dy.to(d_out_ptr.dtype.element_ty),
-                mask=tile_mask,
-            )
+            _store_tile(d_out_ptr + tok * (N * D), n, nmask, d, dmask, D, dy)
         else:  # every row received the same y
             tl.store(
                 d_out_ptr + tok * D + d,
@@ -583,15 +652,11 @@ if HAVE_TRITON:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             kmask = kk < K
-            x_mask = tmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + tok[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
-            x = x.to(tl.float32)
-            w_mask = kmask[:, None] & cmask[None, :]
-            w = tl.load(phi_ptr + kk[:, None] * M + cols[None, :], mask=w_mask, other=0.0)
-            acc = tl.dot(x, w.to(tl.float32), acc, input_precision=PRECISION)
+            x = _load_tile(x_ptr, tok, tmask, kk, kmask, K)
+            w = _load_tile(phi_ptr, kk, kmask, cols, cmask, M)
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
             sum_sq += tl.sum(x * x, axis=1)
-        out_mask = tmask[:, None] & cmask[None, :]
-        tl.store(proj_ptr + tok[:, None] * M + cols[None, :], acc, mask=out_mask)
+        _store_tile(proj_ptr, tok, tmask, cols, cmask, M, acc)
         inv_rms = tl.rsqrt(sum_sq / K + eps)
         if tl.program_id(1) == 0:
             tl.store(inv_rms_ptr + tok, inv_rms, mask=tmask)
@@ -621,21 +686,14 @@ if HAVE_TRITON:
         for m0 in range(0, M, BLOCK_M):
             cols = m0 + tl.arange(0, BLOCK_M)
             cmask = cols < M
-            g_mask = tmask[:, None] & cmask[None, :]
-            g = tl.load(g_proj_ptr + tok[:, None] * M + cols[None, :], mask=g_mask, other=0.0)
-            w_mask = kmask[:, None] & cmask[None, :]
-            w = tl.load(phi_ptr + kk[:, None] * M + cols[None, :], mask=w_mask, other=0.0)
-            acc = tl.dot(
-                g.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision=PRECISION
-            )
+            g = _load_tile(g_proj_ptr, tok, tmask, cols, cmask, M)
+            w = _load_tile(phi_ptr, kk, kmask, cols, cmask, M)
+            acc = tl.dot(g, tl.trans(w), acc, input_precision=PRECISION)
         r = tl.load(inv_rms_ptr + tok, mask=tmask, other=0.0)
         g_r = tl.load(g_inv_ptr + tok, mask=tmask, other=0.0).to(tl.float32)
         c = -g_r * r * r * r / K
-        x_offs = tok[:, None] * K + kk[None, :]
-        x_mask = tmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-        acc += c[:, None] * x
-        tl.store(dx_ptr + x_offs, acc.to(dx_ptr.dtype.element_ty), mask=x_mask)
+        acc += c[:, None] * _load_tile(x_ptr, tok, tmask, kk, kmask, K)
+        _store_tile(dx_ptr, tok, tmask, kk, kmask, K, acc)
 
     @triton.jit
     def _rms_proj_dw_kernel(
@@ -662,15 +720,10 @@ if HAVE_TRITON:
             t0 = (split * blocks_per_split + b).to(tl.int64) * BLOCK_T
             tok = t0 + tl.arange(0, BLOCK_T)
             tmask = tok < T
-            x_mask = tmask[:, None] & kmask[None, :]
-            x = tl.load(x_ptr + tok[:, None] * K + kk[None, :], mask=x_mask, other=0.0)
-            g_mask = tmask[:, None] & cmask[None, :]
-            g = tl.load(g_proj_ptr + tok[:, None] * M + cols[None, :], mask=g_mask, other=0.0)
-            acc = tl.dot(
-                tl.trans(x.to(tl.float32)), g.to(tl.float32), acc, input_precision=PRECISION
-            )
-        offs = split.to(tl.int64) * K * M + kk[:, None] * M + cols[None, :]
-        tl.store(d_phi_ptr + offs, acc, mask=kmask[:, None] & cmask[None, :])
+            x = _load_tile(x_ptr, tok, tmask, kk, kmask, K)
+            g = _load_tile(g_proj_ptr, tok, tmask, cols, cmask, M)
+            acc = tl.dot(tl.trans(x), g, acc, input_precision=PRECISION)
+        _store_tile(d_phi_ptr + split.to(tl.int64) * K * M, kk, kmask, cols, cmask, M, acc)
 
 
 # ----------------------------------------------------------------------------------------
