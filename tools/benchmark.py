@@ -295,9 +295,10 @@ def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> f
     if variant.hc is not None:
         n = variant.streams
         per_sublayer = 2 * n * c + 2 * n * n * c + 2 * n * c  # H_pre X, H_res X + H_post^T y
-        # The projection reads all n*C numbers of the state once (HC per row, mHC per token).
+        # The projection reads all n*C numbers of the state once (HC per row, mHC per token),
+        # and runs once more in backward, where the coefficients are rebuilt from X.
         width = n * n + 2 * n if variant.manifold else n + 2
-        per_sublayer += 2 * n * c * width + 2 * n * c
+        per_sublayer += (2 * n * c * width + 2 * n * c) * 4 / 3
         if variant.hc.get("recompute_hyper_connections"):
             per_sublayer += (2 * n * n * c + 2 * n * c) / 3  # the depth connection, once more
     layers = 1 if scope == "layer" else args.num_layers
