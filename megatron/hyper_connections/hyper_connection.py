@@ -119,7 +119,8 @@ def compiled(function: Callable[..., Mixing]) -> Callable[..., Mixing]:
 class HyperConnectionBase(nn.Module):
     """What every variant shares: the two connections around a branch, and monitoring.
 
-    Subclasses own the parameters and define ``mixing``; the state is a flat ``[..., N*D]``.
+    Subclasses own the parameters (``dynamic_proj`` is the projection weight, or None) and
+    define ``projection_inputs`` and ``coefficients``; the state is a flat ``[..., N*D]``.
     """
 
     def __init__(self, num_rows: int, row_size: int, dropout: float, layer_index: int) -> None:
