@@ -1,7 +1,7 @@
 """Tiny GPT models from megatron-core's own specs, batches and training steps for every test."""
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -154,6 +154,30 @@ def ddp(model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     return DistributedDataParallel(model.config, DistributedDataParallelConfig(**ddp_kwargs), model)
+
+
+def ddp_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One forward/backward of a DDP-wrapped GPT with megatron's gradient finalization (the
+    reductions of a training step); returns the loss."""
+    from megatron.core.distributed import finalize_model_grads
+
+    loss = lm_loss(model, batch)
+    loss.backward()
+    finalize_model_grads([model])
+    return loss
+
+
+def assert_grads_close(
+    grads: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    describe: Callable[[str], str],
+) -> None:
+    """Each gradient against its expected value, at the tolerances of the layout tests;
+    ``describe(name)`` starts the failure message."""
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, expected[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{describe(n)}: {m}"
+        )
 
 
 def main_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -19,10 +19,11 @@ from tests.distributed import run_distributed
 from tests.models import (
     EXPERT_KEY,
     LAYER_KEY,
+    assert_grads_close,
     build_gpt,
     ddp,
+    ddp_step,
     lm_batch,
-    lm_loss,
     main_grads,
     make_config,
     renumbered,
@@ -51,7 +52,6 @@ def _gpt(pre_process: bool = True, post_process: bool = True, **config: Any) -> 
 
 def _tp_vs_single(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
 
@@ -60,9 +60,7 @@ def _tp_vs_single(rank: int, world_size: int) -> None:
     # Reference: TP=1 (so DP=2, same batch on both ranks -> DP averaging is the identity).
     initialize_distributed(tensor_model_parallel_size=1, seed=1)
     ref = ddp(_gpt(num_layers=2))
-    ref_loss = lm_loss(ref, batch)
-    ref_loss.backward()
-    finalize_model_grads([ref])
+    ref_loss = ddp_step(ref, batch)
     ref_weights = snapshot(ref.module.state_dict())
     ref_grads = main_grads(ref)
     parallel_state.destroy_model_parallel()
@@ -78,24 +76,17 @@ def _tp_vs_single(rank: int, world_size: int) -> None:
         }
     )
     model = ddp(bare)
-    loss = lm_loss(model, batch)
-    loss.backward()
-    finalize_model_grads([model])
+    loss = ddp_step(model, batch)
 
     torch.testing.assert_close(
         loss, ref_loss, rtol=1e-5, atol=0, msg=lambda m: f"TP=2+SP loss != TP=1 loss: {m}"
     )
     ln_name = "decoder.layers.0.input_layernorm.weight"
     assert getattr(params[ln_name], "sequence_parallel", False), "LN should be marked SP"
-    for name, grad in main_grads(model).items():
-        expected = tp_shard(ref_grads[name], params[name], tp_rank, world_size)
-        torch.testing.assert_close(
-            grad,
-            expected,
-            rtol=1e-4,
-            atol=1e-6,
-            msg=lambda m, name=name: f"grad of {name} differs between TP=2+SP and TP=1: {m}",
-        )
+    expected = {n: tp_shard(g, params[n], tp_rank, world_size) for n, g in ref_grads.items()}
+    assert_grads_close(
+        main_grads(model), expected, lambda n: f"grad of {n} differs between TP=2+SP and TP=1"
+    )
     destroy_distributed()
 
 
@@ -150,14 +141,9 @@ def _pp_vs_single(rank: int, world_size: int) -> None:
     else:
         assert losses == [], f"only the last stage reports losses, got {losses}"
     expected = renumbered(ref_grads, dict(bare.named_parameters()), LAYER_KEY, offset)
-    for name, grad in main_grads(model).items():
-        torch.testing.assert_close(
-            grad,
-            expected[name],
-            rtol=1e-4,
-            atol=1e-6,
-            msg=lambda m, name=name: f"grad of {name} differs between PP=2 and PP=1: {m}",
-        )
+    assert_grads_close(
+        main_grads(model), expected, lambda n: f"grad of {n} differs between PP=2 and PP=1"
+    )
     destroy_distributed()
 
 
@@ -180,7 +166,6 @@ MOE = dict(
 
 def _ep_vs_single(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
 
@@ -188,9 +173,7 @@ def _ep_vs_single(rank: int, world_size: int) -> None:
 
     initialize_distributed(expert_model_parallel_size=1, seed=1)
     ref = ddp(_gpt(**MOE))
-    ref_loss = lm_loss(ref, batch)
-    ref_loss.backward()
-    finalize_model_grads([ref])
+    ref_loss = ddp_step(ref, batch)
     ref_weights = snapshot(ref.module.state_dict())
     ref_grads = main_grads(ref)
     parallel_state.destroy_model_parallel()
@@ -200,22 +183,15 @@ def _ep_vs_single(rank: int, world_size: int) -> None:
     bare = _gpt(expert_model_parallel_size=world_size, **MOE)
     bare.load_state_dict(renumbered(ref_weights, bare.state_dict(), EXPERT_KEY, offset))
     model = ddp(bare)
-    loss = lm_loss(model, batch)
-    loss.backward()
-    finalize_model_grads([model])
+    loss = ddp_step(model, batch)
 
     torch.testing.assert_close(
         loss, ref_loss, rtol=1e-5, atol=0, msg=lambda m: f"EP=2 loss != EP=1 loss: {m}"
     )
     expected = renumbered(ref_grads, dict(bare.named_parameters()), EXPERT_KEY, offset)
-    for name, grad in main_grads(model).items():
-        torch.testing.assert_close(
-            grad,
-            expected[name],
-            rtol=1e-4,
-            atol=1e-6,
-            msg=lambda m, name=name: f"grad of {name} differs between EP=2 and EP=1: {m}",
-        )
+    assert_grads_close(
+        main_grads(model), expected, lambda n: f"grad of {n} differs between EP=2 and EP=1"
+    )
     destroy_distributed()
 
 

@@ -13,10 +13,11 @@ from tests.distributed import run_distributed
 from tests.models import (
     EXPERT_KEY,
     VARIANTS,
+    assert_grads_close,
     build_gpt,
     ddp,
+    ddp_step,
     lm_batch,
-    lm_loss,
     main_grads,
     make_config,
     perturb_hyper_connections,
@@ -96,7 +97,6 @@ def test_moe_with_hyper_connections_trains(variant: str) -> None:
 
 def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
     from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
 
     from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
 
@@ -105,9 +105,7 @@ def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
         # Reference: EP=1 (DP=2 with the same batch on both ranks, so DP averaging is exact).
         initialize_distributed(expert_model_parallel_size=1, seed=1)
         ref = ddp(_moe_gpt(variant))
-        ref_loss = lm_loss(ref, batch)
-        ref_loss.backward()
-        finalize_model_grads([ref])
+        ref_loss = ddp_step(ref, batch)
         ref_weights = snapshot(ref.module.state_dict())
         ref_grads = main_grads(ref)
         parallel_state.destroy_model_parallel()
@@ -119,9 +117,7 @@ def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
         assert len(bare.decoder.layers[0].mlp.experts.local_experts) == num_experts // world_size
         bare.load_state_dict(renumbered(ref_weights, bare.state_dict(), EXPERT_KEY, offset))
         model = ddp(bare)
-        loss = lm_loss(model, batch)
-        loss.backward()
-        finalize_model_grads([model])
+        loss = ddp_step(model, batch)
 
         torch.testing.assert_close(
             loss, ref_loss, rtol=1e-5, atol=0, msg=lambda m, v=variant: f"{v}: EP=2 loss: {m}"
@@ -129,14 +125,9 @@ def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
         expected = renumbered(ref_grads, dict(bare.named_parameters()), EXPERT_KEY, offset)
         grads = main_grads(model)
         assert any("hyper_conn" in name for name in grads)
-        for name, grad in grads.items():
-            torch.testing.assert_close(
-                grad,
-                expected[name],
-                rtol=1e-4,
-                atol=1e-6,
-                msg=lambda m, n=name, v=variant: f"{v}: grad of {n} differs, EP=2 vs EP=1: {m}",
-            )
+        assert_grads_close(
+            grads, expected, lambda n, v=variant: f"{v}: grad of {n} differs, EP=2 vs EP=1"
+        )
         parallel_state.destroy_model_parallel()
     destroy_distributed()
 

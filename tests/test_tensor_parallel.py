@@ -6,8 +6,10 @@ import torch
 from tests.distributed import run_distributed
 from tests.models import (
     VARIANTS,
+    assert_grads_close,
     build_gpt,
     ddp,
+    ddp_step,
     lm_batch,
     lm_loss,
     main_grads,
@@ -34,9 +36,7 @@ def _tp2_sp_vs_tp1(rank: int, world_size: int, variant: str) -> None:
     reference = build_gpt(make_config(hc), seed=1)
     perturb_hyper_connections(reference)
     reference = ddp(reference)
-    ref_loss = lm_loss(reference, batch)
-    ref_loss.backward()
-    finalize_model_grads([reference])
+    ref_loss = ddp_step(reference, batch)
     ref_weights = snapshot(reference.module.state_dict())
     ref_grads = main_grads(reference)
     parallel_state.destroy_model_parallel()
@@ -54,20 +54,13 @@ def _tp2_sp_vs_tp1(rank: int, world_size: int, variant: str) -> None:
     )
     model = ddp(bare)
     model.config.finalize_model_grads_func = finalize_model_grads
-    loss = lm_loss(model, batch)
-    loss.backward()
-    finalize_model_grads([model])
+    loss = ddp_step(model, batch)
 
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
-    for name, grad in main_grads(model).items():
-        expected = tp_shard(ref_grads[name], params[name], tp_rank, world_size)
-        torch.testing.assert_close(
-            grad,
-            expected,
-            rtol=1e-4,
-            atol=1e-6,
-            msg=lambda m, name=name: f"{variant}: grad of {name}, TP=2+SP vs TP=1: {m}",
-        )
+    expected = {n: tp_shard(g, params[n], tp_rank, world_size) for n, g in ref_grads.items()}
+    assert_grads_close(
+        main_grads(model), expected, lambda n: f"{variant}: grad of {n}, TP=2+SP vs TP=1"
+    )
 
     # Optimizer steps on different data per step: replicated HC parameters must stay equal
     # on both tensor-parallel ranks, which holds only if their gradients were all-reduced.
