@@ -7,6 +7,7 @@ from torch import nn
 from megatron.hyper_connections.autograd import StateChain
 from megatron.hyper_connections.hyper_connection import HyperConnection, HyperConnectionBase
 from megatron.hyper_connections.manifold_hyper_connection import ManifoldHyperConnection
+from megatron.hyper_connections.saved_memory import saved_tensor_bytes
 from megatron.hyper_connections.streams import depth_connection, expand_streams, width_connection
 
 C, SEQ, BATCH = 16, 5, 3
@@ -91,21 +92,12 @@ def test_state_recompute_gives_the_same_gradients(variant, block_size):
         )
 
 
-def saved_units(fn, unit_numel: int) -> float:
-    """Bytes of distinct activation storages saved for backward while ``fn`` runs, in units
-    of one [s, b, C] fp64 activation (parameters excluded)."""
-    storages = {}
-
-    def pack(tensor):
-        if not isinstance(tensor, nn.Parameter):
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
+def saved_units(hc: nn.Module, fn, unit_numel: int) -> float:
+    """What ``fn`` saves for backward beyond the parameters of ``hc``, in units of one [s, b, C]
+    fp64 activation."""
+    out, saved = saved_tensor_bytes(fn, exclude=hc.parameters())
     del out
-    return sum(storages.values()) / (8 * unit_numel)
+    return saved / (8 * unit_numel)
 
 
 @pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx4-log-3proposals"])
@@ -115,8 +107,8 @@ def test_lean_autograd_saves_state_and_branch_output_only(variant):
     hc, n = hcs[0], hcs[0].num_residual_streams
     identity = nn.Identity()
     unit = SEQ * BATCH * C
-    lean = saved_units(lambda: hc(state, identity), unit)
-    plain = saved_units(lambda: reference_sublayer(hc, state, identity), unit)
+    lean = saved_units(hc, lambda: hc(state, identity), unit)
+    plain = saved_units(hc, lambda: reference_sublayer(hc, state, identity), unit)
     assert lean == n + 1, f"{variant}: lean path saves {lean:.2f} units"
     assert lean < plain, f"{variant}: lean {lean:.2f} units, plain autograd {plain:.2f}"
 
@@ -129,7 +121,7 @@ def test_state_recompute_keeps_one_state_per_block():
     def run(chain):
         for position, hc in enumerate(hcs):
             hc.use_state_chain(chain, position)
-        return saved_units(lambda: _run(hcs, [identity] * 6, state, lean=True), unit)
+        return saved_units(hcs, lambda: _run(hcs, [identity] * 6, state, lean=True), unit)
 
     per_sublayer, per_block_of_3 = run(None), run(StateChain(3))
     n = 4

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatron.hyper_connections.saved_memory import saved_tensor_bytes
 from tests.models import BATCH, SEQ, VARIANTS, build_gpt, lm_batch, lm_loss, make_config
 
 pytestmark = pytest.mark.usefixtures("megatron_single_rank")
@@ -14,19 +15,12 @@ def _loss_and_grads(config) -> tuple[float, dict, float]:
         for name, param in model.named_parameters():
             if ".hyper_conn_" in name:
                 param.add_(0.1 * torch.randn_like(param))
-    storages = {}
-
-    def pack(tensor):
-        if not isinstance(tensor, torch.nn.Parameter):
-            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = lm_loss(model, lm_batch(seed=3))
+    batch = lm_batch(seed=3)
+    loss, saved = saved_tensor_bytes(lambda: lm_loss(model, batch), exclude=model.parameters())
     loss.backward()
     unit = 4 * SEQ * BATCH * config.hidden_size
     grads = {name: p.grad for name, p in model.named_parameters()}
-    return loss.item(), grads, sum(storages.values()) / unit
+    return loss.item(), grads, saved / unit
 
 
 @pytest.mark.parametrize("variant", ["DHCx4", "mHCx4"])

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megatron.hyper_connections.saved_memory import saved_tensor_bytes
+
 UNITS_NOTE = "units: one [s, b, C] activation of the model's dtype"
 
 
@@ -269,22 +271,11 @@ def time_cases(cases: list[Case], args: argparse.Namespace, device: torch.device
 
 
 def saved_bytes(case: Case) -> int:
-    """Bytes of the distinct non-parameter storages that the forward pass keeps for backward
-    (what backward itself saves transiently is not counted)."""
-    parameters = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    """Bytes the forward pass keeps for backward, parameters left out."""
     case.model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = case.forward()
+    loss, saved = saved_tensor_bytes(case.forward, exclude=case.model.parameters())
     loss.backward()
-    return sum(storages.values())
+    return saved
 
 
 def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> float:
