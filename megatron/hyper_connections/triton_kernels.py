@@ -23,6 +23,8 @@ Per-token reductions over D (dH_pre, dH_post, dH_res) are written as one partial
 static coefficients: deterministic, unlike atomics.
 """
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -48,9 +50,11 @@ __all__ = [
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.cache
 def _interpreting() -> bool:
     # Triton decides at decoration time whether ``@triton.jit`` makes interpreted functions,
-    # so the kernels below, not the environment now, say whether CPU tensors can run.
+    # so the kernels below, not the environment now, say whether CPU tensors can run; fixed
+    # once the module is imported, and asked on every connection call.
     if not HAVE_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
