@@ -244,8 +244,8 @@ class HyperConnectionBase(nn.Module):
             and self.dropout == 0.0
             and self.fused(rows, branch_output, bias, h_res)
         ):
-            if seed is None:
-                seed = int(torch.randint(2**31 - 1, ()))
+            if seed is None:  # drawn only when a mask is needed, not to shift the RNG otherwise
+                seed = int(torch.randint(2**31 - 1, ())) if dropout > 0.0 and self.training else 0
             new_state = triton_kernels.depth_connection(
                 rows, branch_output, bias, h_post, h_res, dropout, self.training, seed
             )

@@ -97,8 +97,10 @@ class _DepthConnectionBDA:
         def merge(output_with_bias: tuple[Tensor, Tensor | None], _branch_input, prob: float):
             output, bias = output_with_bias
             residual, self.residual = self.residual, None
+            dropout = prob if training else 0.0
+            seed = self.seed() if dropout > 0.0 else None
             return self.hyper_connection.depth_connection(
-                output, residual, bias=bias, dropout=prob if training else 0.0, seed=self.seed()
+                output, residual, bias=bias, dropout=dropout, seed=seed
             )
 
         return merge
