@@ -62,7 +62,7 @@ INVALID = [
     (dict(MHC, mhc_h_res_bias_init=math.inf), "mhc_h_res_bias_init must be a finite float, got mhc_h_res_bias_init=inf"),
     (dict(MHC, num_residual_streams=1), "use_manifold_hyper_connections=True needs num_residual_streams >= 2, got num_residual_streams=1"),
     (dict(MHC, num_residual_streams=1, num_fracs=4), "num_fracs=4 is not supported with use_manifold_hyper_connections=True"),
-    (dict(MHC, hyper_connections_tanh=False), "hyper_connections_tanh=False is an HC option"),
+    (dict(MHC, hyper_connections_tanh=False), "hyper_connections_tanh=False is not supported with use_manifold_hyper_connections=True: it is an option of HC only"),
     (dict(use_manifold_hyper_connections=True, num_residual_streams=4), "num_residual_streams=4 has no effect without use_hyper_connections=True"),
     (dict(use_manifold_hyper_connections=True), "use_manifold_hyper_connections=True has no effect without use_hyper_connections=True"),
     (dict(num_residual_streams=4), "num_residual_streams=4 has no effect without use_hyper_connections=True"),

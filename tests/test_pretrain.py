@@ -260,9 +260,9 @@ BAD_INPUTS = {
     ),
     "model config": (
         ["--num-fracs", "2"],
-        "invalid model configuration: num_fracs=2 with num_residual_streams=4 is not supported: "
-        "Frac-Connections split one stream into fractions, so use num_residual_streams=1 with "
-        "num_fracs > 1 (flags: --num-fracs, --num-residual-streams)",
+        "invalid model configuration: num_fracs=2 is not supported with "
+        "use_manifold_hyper_connections=True: it is an option of HC only; leave num_fracs at its "
+        "default 1 (flags: --num-fracs, --use-manifold-hyper-connections)",
     ),
     "bad value": (
         ["--hidden-dropout", "1.5"],

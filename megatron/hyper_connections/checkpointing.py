@@ -26,6 +26,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.utils import unwrap_model
 
 from .hyper_connection import HyperConnectionBase
+from .options import hyper_connection_options, hyper_connection_variant, must_match_fields
 
 __all__ = [
     "HC_RECORD_KEY",
@@ -40,35 +41,20 @@ __all__ = [
 HC_RECORD_KEY = "hyper_connections"
 """Key of the HC record in a model's sharded state dict and in the checkpoint's common dict."""
 
-# Record fields that must agree between a checkpoint and the model loading it: they decide
-# which parameters exist and what they mean. (Options such as Sinkhorn iterations or dropout may
-# change between runs and are not recorded.)
-_MUST_MATCH = ("variant", "num_residual_streams", "num_fracs", "mhc_num_dynamic_alpha_proposals")
-
-
-def hyper_connection_variant(config: Any) -> str:
-    """``'residual'`` or ``'<dynamic|static> <HC|mHC|Frac>'`` for a (megatron-core) config."""
-    if not getattr(config, "use_hyper_connections", False):
-        return "residual"
-    if config.use_manifold_hyper_connections:
-        kind = "mHC"
-    elif config.num_fracs > 1:
-        kind = "Frac"
-    else:
-        kind = "HC"
-    return f"{'dynamic' if config.hyper_connections_dynamic else 'static'} {kind}"
+# A megatron-core config has no HC fields: it records their defaults (a residual model).
+_DEFAULTS = {field.name: field.default for field, _ in hyper_connection_options()}
 
 
 def hyper_connection_record(config: Any) -> dict[str, Any]:
     """The HC configuration stored with a checkpoint (plain types: ``torch.load`` reads it with
-    ``weights_only=True``)."""
-    return {
+    ``weights_only=True``): the variant and every option declared ``must_match``."""
+    record = {
         "use_hyper_connections": bool(getattr(config, "use_hyper_connections", False)),
         "variant": hyper_connection_variant(config),
-        "num_residual_streams": getattr(config, "num_residual_streams", 1),
-        "num_fracs": getattr(config, "num_fracs", 1),
-        "mhc_num_dynamic_alpha_proposals": getattr(config, "mhc_num_dynamic_alpha_proposals", 1),
     }
+    for name in must_match_fields():
+        record[name] = getattr(config, name, _DEFAULTS[name])
+    return record
 
 
 def check_hyper_connection_record(
@@ -78,15 +64,17 @@ def check_hyper_connection_record(
     model's) can be loaded into a model built from ``config``.
 
     A residual checkpoint loads into any model (HC parameters keep their init); otherwise the
-    variant, stream count, fraction count and mHC proposal count must match.
+    variant and every option declared ``must_match`` (see ``options``) must agree.
     """
     if _is_residual(record):
         return
     expected = hyper_connection_record(config)
+    # A record has the fields that were declared when it was written (a later declaration is
+    # not compared against a checkpoint that predates it).
     differences = [
-        f"checkpoint has {name}={record.get(name)!r}, the model has {name}={expected[name]!r}"
-        for name in _MUST_MATCH
-        if record.get(name) != expected[name]
+        f"checkpoint has {name}={record[name]!r}, the model has {name}={expected[name]!r}"
+        for name in ("variant", *must_match_fields())
+        if name in record and record[name] != expected[name]
     ]
     if differences:
         raise ValueError(f"cannot load {source} into this model: {'; '.join(differences)}")

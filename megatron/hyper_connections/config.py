@@ -11,28 +11,19 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig as MCoreTransformerConfig
 
-__all__ = ["TransformerConfig"]
+from .options import (
+    FINITE_FLOAT,
+    HC,
+    MHC,
+    OPTIONAL_POSITIVE_INT,
+    POSITIVE_INT,
+    PROBABILITY,
+    USE_MHC,
+    check_options,
+    hc_option,
+)
 
-# Options that mean something only with HC / mHC on, and their defaults: setting one without
-# enabling its feature would silently do nothing, so it is refused instead.
-_HC_ONLY_DEFAULTS = {
-    "num_residual_streams": 1,
-    "hyper_connections_dropout": 0.0,
-    "num_fracs": 1,
-    "use_manifold_hyper_connections": False,
-    "hyper_connections_dynamic": True,
-    "hyper_connections_tanh": True,
-    "hyper_connections_scale_output_init": False,
-    "recompute_hyper_connections": False,
-    "hyper_connections_compile": False,
-    "hyper_connections_fused_kernels": False,
-}
-_MHC_ONLY_DEFAULTS = {
-    "mhc_sinkhorn_iters": 20,
-    "mhc_log_domain_sinkhorn": False,
-    "mhc_num_dynamic_alpha_proposals": 1,
-    "mhc_h_res_bias_init": 4.0,
-}
+__all__ = ["TransformerConfig"]
 
 
 @dataclass
@@ -40,39 +31,49 @@ class TransformerConfig(MCoreTransformerConfig):
     """megatron-core's ``TransformerConfig`` plus Hyper-Connections (HC), mHC and
     Frac-Connections. All options are validated in ``__post_init__``."""
 
-    use_hyper_connections: bool = False
+    use_hyper_connections: bool = hc_option(False, needs=None)
     """Replace every residual connection by a hyper-connection (HC, or mHC below)."""
 
-    num_residual_streams: int = 1
+    num_residual_streams: int = hc_option(
+        1, module_arg="num_residual_streams", must_match=True, allowed=POSITIVE_INT
+    )
     """n, the number of residual streams (expansion rate); the paper's best is 4."""
 
-    hyper_connections_dropout: float = 0.0
+    hyper_connections_dropout: float = hc_option(0.0, module_arg="dropout", allowed=PROBABILITY)
     """Dropout on each stream's share of a branch output, with an independent mask per stream
     (``hidden_dropout`` still applies to the branch output itself first)."""
 
-    num_fracs: int = 1
+    num_fracs: int = hc_option(
+        1, variants=(HC,), module_arg="num_fracs", must_match=True, allowed=POSITIVE_INT
+    )
     """m > 1: Frac-Connections, the hidden state split into m fractions (needs n = 1)."""
 
-    use_manifold_hyper_connections: bool = False
+    use_manifold_hyper_connections: bool = hc_option(False)
     """mHC: sigmoid-constrained H_pre / H_post and a doubly stochastic H_res (needs n >= 2)."""
 
-    hyper_connections_dynamic: bool = True
+    hyper_connections_dynamic: bool = hc_option(
+        True, flag="--hyper-connections-static", module_arg="dynamic"
+    )
     """Dynamic coefficients computed from each token (DHC, mHC) or static ones only (SHC)."""
 
-    hyper_connections_tanh: bool = True
+    hyper_connections_tanh: bool = hc_option(
+        True, flag="--hyper-connections-no-tanh", variants=(HC,), module_arg="use_tanh"
+    )
     """HC only: tanh on the dynamic coefficients (False: the paper's "without tanh" ablation)."""
 
-    hyper_connections_scale_output_init: bool = False
+    hyper_connections_scale_output_init: bool = hc_option(False)
     """Divide the init std of the attention and MLP output projections by sqrt(n), the HC
     paper's scaling, so that n streams receiving each branch output start at the baseline's
     scale. Changes the initial weights, so it is off by default."""
 
-    recompute_hyper_connections: bool = False
+    recompute_hyper_connections: bool = hc_option(False)
     """Keep the n-stream state for backward only at the first sublayer of every block of
     ``hyper_connections_recompute_block_size`` sublayers and rebuild the others from it in
     backward (the mHC paper's recomputation: cheap HC ops only, never attention or MLP)."""
 
-    hyper_connections_recompute_block_size: int | None = None
+    hyper_connections_recompute_block_size: int | None = hc_option(
+        None, needs="recompute_hyper_connections", allowed=OPTIONAL_POSITIVE_INT
+    )
     """Sublayers (attention and MLP count one each) per kept state; None: 2n, one kept state
     (n units of [s, b, C]) per n layers, so that the state adds at most one unit per layer to
     the two branch outputs every layer keeps. Backward rebuilds one block at a time, holding up
@@ -80,28 +81,41 @@ class TransformerConfig(MCoreTransformerConfig):
     rebuilt states, round(sqrt(n * L / (n + 2))) for L sublayers, is within a few percent of
     the same total for deep stages."""
 
-    hyper_connections_compile: bool = False
+    hyper_connections_compile: bool = hc_option(False)
     """Run the coefficient computation (RMS factor, gates, tanh / sigmoid, Sinkhorn and their
     backward) through ``torch.compile``: dozens of small per-token ops, hundreds for mHC's
     Sinkhorn, become a few fused kernels. Costs a compilation on the first steps."""
 
-    hyper_connections_fused_kernels: bool = False
+    hyper_connections_fused_kernels: bool = hc_option(False)
     """Triton kernels for the coefficients (mHC), the width connection H_pre X and the depth
     connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA tensors. Needs
     Triton; the PyTorch path remains where a kernel does not apply (CPU tensors, fp64,
     log-domain Sinkhorn, HC dropout, and the depth connection under
     ``recompute_hyper_connections``, whose state chain the kernel would bypass)."""
 
-    mhc_sinkhorn_iters: int = 20
+    mhc_sinkhorn_iters: int = hc_option(
+        20, needs=USE_MHC, variants=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT
+    )
     """mHC: Sinkhorn-Knopp iterations producing H_res."""
 
-    mhc_log_domain_sinkhorn: bool = False
+    mhc_log_domain_sinkhorn: bool = hc_option(
+        False, needs=USE_MHC, variants=(MHC,), module_arg="log_domain_sinkhorn"
+    )
     """mHC: log-domain Sinkhorn, stable for large logits at some extra cost."""
 
-    mhc_num_dynamic_alpha_proposals: int = 1
+    mhc_num_dynamic_alpha_proposals: int = hc_option(
+        1,
+        needs=USE_MHC,
+        variants=(MHC,),
+        module_arg="num_proposals",
+        must_match=True,
+        allowed=POSITIVE_INT,
+    )
     """mHC: P independent coefficient projections, each constrained, then averaged."""
 
-    mhc_h_res_bias_init: float = 4.0
+    mhc_h_res_bias_init: float = hc_option(
+        4.0, needs=USE_MHC, variants=(MHC,), module_arg="h_res_bias_init", allowed=FINITE_FLOAT
+    )
     """mHC: c in the H_res bias init c * I. 0 starts H_res at 1/n (streams averaged at every
     sublayer); larger c leans it towards the identity (diagonal e^c / (e^c + n - 1))."""
 
@@ -132,35 +146,9 @@ class TransformerConfig(MCoreTransformerConfig):
             )
 
     def _validate_hyper_connections(self) -> None:
-        if not self.use_hyper_connections:
-            _refuse_changed(self, _HC_ONLY_DEFAULTS, "use_hyper_connections=True")
-        if not self.use_manifold_hyper_connections:
-            _refuse_changed(self, _MHC_ONLY_DEFAULTS, "use_manifold_hyper_connections=True")
-
-        _require(self, "num_residual_streams", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        _require(self, "num_fracs", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        _require(self, "hyper_connections_dropout", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)")
-        _require(self, "mhc_sinkhorn_iters", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        _require(
-            self,
-            "mhc_num_dynamic_alpha_proposals",
-            lambda v: _is_int(v) and v >= 1,
-            "an integer >= 1",
-        )
-        _require(self, "mhc_h_res_bias_init", math.isfinite, "a finite float")
-        block_size = self.hyper_connections_recompute_block_size
-        if block_size is not None:
-            _require(
-                self,
-                "hyper_connections_recompute_block_size",
-                lambda v: _is_int(v) and v >= 1,
-                "None or an integer >= 1",
-            )
-            if not self.recompute_hyper_connections:
-                raise ValueError(
-                    f"hyper_connections_recompute_block_size={block_size} has no effect "
-                    f"without recompute_hyper_connections=True"
-                )
+        # Ranges and "no effect without" refusals come from the declarations (see ``options``);
+        # what follows are the checks that involve several options or megatron-core's own.
+        check_options(self)
         if self.recompute_hyper_connections:
             if self.recompute_granularity == "full":
                 raise ValueError(
@@ -191,27 +179,15 @@ class TransformerConfig(MCoreTransformerConfig):
                     f"{self.num_residual_streams} is not supported: Frac-Connections split "
                     f"one stream into fractions, so use num_residual_streams=1 with num_fracs > 1"
                 )
-            if self.use_manifold_hyper_connections:
-                raise ValueError(
-                    f"num_fracs={self.num_fracs} is not supported with "
-                    f"use_manifold_hyper_connections=True: mHC needs num_fracs=1"
-                )
             if self.hidden_size % self.num_fracs:
                 raise ValueError(
                     f"num_fracs={self.num_fracs} must divide hidden_size={self.hidden_size}"
                 )
-        if self.use_manifold_hyper_connections:
-            if self.num_residual_streams < 2:
-                raise ValueError(
-                    f"use_manifold_hyper_connections=True needs num_residual_streams >= 2, got "
-                    f"num_residual_streams={self.num_residual_streams}"
-                )
-            if not self.hyper_connections_tanh:
-                raise ValueError(
-                    "hyper_connections_tanh=False is an HC option; mHC constrains its "
-                    "coefficients with sigmoid and Sinkhorn: leave it True with "
-                    "use_manifold_hyper_connections=True"
-                )
+        if self.use_manifold_hyper_connections and self.num_residual_streams < 2:
+            raise ValueError(
+                f"use_manifold_hyper_connections=True needs num_residual_streams >= 2, got "
+                f"num_residual_streams={self.num_residual_streams}"
+            )
         if self.use_hyper_connections:
             if self.mtp_num_layers:
                 raise ValueError(
@@ -226,30 +202,6 @@ class TransformerConfig(MCoreTransformerConfig):
                     f"cuda_graph_impl={getattr(self, 'cuda_graph_impl', None)!r} is not "
                     f"supported with use_hyper_connections=True: use cuda_graph_impl='none'"
                 )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(config: object, name: str, ok: Callable[[object], bool], allowed: str) -> None:
-    value = getattr(config, name)
-    try:
-        valid = ok(value)
-    except TypeError:
-        valid = False
-    if not valid:
-        raise ValueError(f"{name} must be {allowed}, got {name}={value!r}")
-
-
-def _refuse_changed(config: object, defaults: dict, needs: str) -> None:
-    for name, default in defaults.items():
-        value = getattr(config, name)
-        if value != default:
-            raise ValueError(
-                f"{name}={value!r} has no effect without {needs}: set {needs} or leave "
-                f"{name} at its default {default!r}"
-            )
 
 
 def _scaled(init_method: Callable[[torch.Tensor], object], factor: float) -> Callable:

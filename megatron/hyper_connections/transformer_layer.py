@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .hyper_connection import HyperConnection, HyperConnectionBase
 from .manifold_hyper_connection import ManifoldHyperConnection
+from .options import MHC, module_kind, module_kwargs
 
 try:  # megatron-core >= 0.16
     from megatron.core.transformer.transformer_layer import MoETransformerLayer
@@ -34,32 +35,14 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
     megatron-core's all-reduce over the tensor-parallel group.
     """
     device = None if config.use_cpu_initialization else torch.cuda.current_device()
-    if config.use_manifold_hyper_connections:
-        module = ManifoldHyperConnection(
-            config.hidden_size,
-            config.num_residual_streams,
-            dynamic=config.hyper_connections_dynamic,
-            sinkhorn_iters=config.mhc_sinkhorn_iters,
-            log_domain_sinkhorn=config.mhc_log_domain_sinkhorn,
-            num_proposals=config.mhc_num_dynamic_alpha_proposals,
-            h_res_bias_init=config.mhc_h_res_bias_init,
-            dropout=config.hyper_connections_dropout,
-            eps=config.layernorm_epsilon,
-            layer_index=sublayer_index,
-            device=device,
-        )
-    else:
-        module = HyperConnection(
-            config.hidden_size,
-            config.num_residual_streams,
-            layer_index=sublayer_index,
-            dynamic=config.hyper_connections_dynamic,
-            use_tanh=config.hyper_connections_tanh,
-            num_fracs=config.num_fracs,
-            dropout=config.hyper_connections_dropout,
-            eps=config.layernorm_epsilon,
-            device=device,
-        )
+    module_class = ManifoldHyperConnection if module_kind(config) == MHC else HyperConnection
+    module = module_class(
+        config.hidden_size,
+        layer_index=sublayer_index,
+        eps=config.layernorm_epsilon,
+        device=device,
+        **module_kwargs(config),
+    )
     for param in module.parameters():
         param.sequence_parallel = config.sequence_parallel
     if config.hyper_connections_compile:

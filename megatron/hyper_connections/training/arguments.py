@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..options import add_hyper_connection_arguments, flag_of, hyper_connection_kwargs
+
 __all__ = [
     "EMBEDDED",
     "TRACKER_FILE",
@@ -99,31 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformer_engine needs Transformer Engine and a GPU",
     )
 
-    g = parser.add_argument_group("hyper-connections")
-    g.add_argument("--use-hyper-connections", action="store_true")
-    g.add_argument("--num-residual-streams", type=_positive_int, help="n (the paper's best: 4)")
-    g.add_argument("--hyper-connections-dropout", type=_probability)
-    g.add_argument("--num-fracs", type=_positive_int, help="m > 1: Frac-Connections")
-    g.add_argument("--hyper-connections-static", action="store_true", help="static HC (SHC)")
-    g.add_argument("--hyper-connections-no-tanh", action="store_true")
-    g.add_argument("--hyper-connections-scale-output-init", action="store_true")
-    g.add_argument("--use-manifold-hyper-connections", action="store_true", help="mHC")
-    g.add_argument("--mhc-sinkhorn-iters", type=_positive_int)
-    g.add_argument("--mhc-log-domain-sinkhorn", action="store_true")
-    g.add_argument("--mhc-num-dynamic-alpha-proposals", type=_positive_int)
-    g.add_argument("--mhc-h-res-bias-init", type=float)
-    g.add_argument("--recompute-hyper-connections", action="store_true")
-    g.add_argument("--hyper-connections-recompute-block-size", type=_positive_int)
-    g.add_argument(
-        "--hyper-connections-compile",
-        action="store_true",
-        help="torch.compile the coefficient computation (the PyTorch path)",
-    )
-    g.add_argument(
-        "--hyper-connections-fused-kernels",
-        action="store_true",
-        help="Triton kernels for coefficients and connections on CUDA",
-    )
+    g = add_hyper_connection_arguments(parser)
     g.add_argument(
         "--log-mhc-amax",
         action="store_true",
@@ -219,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir")
     g.add_argument("--wandb-project")
     g.add_argument("--wandb-exp-name")
+    switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)
     for action in parser._actions:  # --help shows every default there is
-        if action.default not in (None, False, argparse.SUPPRESS):
+        if action.default not in (None, argparse.SUPPRESS) and not isinstance(action, switches):
             action.help = (
                 f"{action.help}; default: %(default)s" if action.help else ("default: %(default)s")
             )
@@ -649,16 +628,9 @@ def transformer_config(args: argparse.Namespace) -> Any:
         for flag in ("moe_router_topk", "moe_token_dispatcher_type", "moe_aux_loss_coeff"):
             if getattr(args, flag) is not None:
                 options[flag] = getattr(args, flag)
-    # HC options only when given, so that the config's defaults apply and it refuses an HC
-    # option given without --use-hyper-connections (or an mHC one without mHC).
-    for field in _HC_FIELDS:
-        value = getattr(args, field)
-        if value is not None and value is not False:
-            options[field] = value
-    if args.hyper_connections_static:
-        options["hyper_connections_dynamic"] = False
-    if args.hyper_connections_no_tanh:
-        options["hyper_connections_tanh"] = False
+    # Every HC flag has its field's default, so the config refuses one given without
+    # --use-hyper-connections (or an mHC one without mHC) as it would the field.
+    options.update(hyper_connection_kwargs(args))
 
     try:
         return TransformerConfig(**options)
@@ -687,28 +659,8 @@ def optimizer_config(args: argparse.Namespace) -> Any:
     )
 
 
-# HC flags whose destination is the config field of the same name.
-_HC_FIELDS = (
-    "use_hyper_connections",
-    "num_residual_streams",
-    "hyper_connections_dropout",
-    "num_fracs",
-    "hyper_connections_scale_output_init",
-    "use_manifold_hyper_connections",
-    "mhc_sinkhorn_iters",
-    "mhc_log_domain_sinkhorn",
-    "mhc_num_dynamic_alpha_proposals",
-    "mhc_h_res_bias_init",
-    "recompute_hyper_connections",
-    "hyper_connections_recompute_block_size",
-    "hyper_connections_compile",
-    "hyper_connections_fused_kernels",
-)
-
 # Config fields set by a flag of another name.
 _FLAG_OF_FIELD = {
-    "hyper_connections_dynamic": "--hyper-connections-static",
-    "hyper_connections_tanh": "--hyper-connections-no-tanh",
     "num_moe_experts": "--num-experts",
     "add_bias_linear": "--disable-bias-linear",
     "gated_linear_unit": "--swiglu",
@@ -721,7 +673,7 @@ def _flags_named_in(message: str) -> str:
     known = {option for action in build_parser()._actions for option in action.option_strings}
     flags = []
     for field in dict.fromkeys(re.findall(r"[a-z][a-z0-9_]*", message)):
-        flag = _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        flag = _FLAG_OF_FIELD.get(field) or flag_of(field)
         if "_" in field and flag in known:
             flags.append(flag)
     return f" (flags: {', '.join(flags)})" if flags else ""

@@ -70,6 +70,7 @@ from ..data.corpus import DEFAULT_MAX_BYTES, stdlib_documents
 from ..data.datasets import build_gpt_datasets, parse_data_path
 from ..gpt_model import GPTModel
 from ..optimizer import hyper_connection_config_overrides
+from ..options import hyper_connection_variant
 from .arguments import (
     EMBEDDED,
     TRACKER_FILE,
@@ -197,15 +198,10 @@ def megatron_parallel_state(args: argparse.Namespace) -> Iterator[None]:
 
 def describe_run(args: argparse.Namespace, state: TrainState) -> str:
     """One line: the model, the parallel layout, the batch and where training starts."""
-    if not args.use_hyper_connections:
-        variant = "residual"
-    elif args.use_manifold_hyper_connections:
-        variant = f"mHC, n = {args.num_residual_streams}"
-    elif args.num_fracs and args.num_fracs > 1:
-        variant = f"Frac-Connections, m = {args.num_fracs}"
-    else:
-        kind = "SHC" if args.hyper_connections_static else "DHC"
-        variant = f"HC ({kind}), n = {args.num_residual_streams or 1}"
+    variant = hyper_connection_variant(args)  # the flags carry every config field's name
+    if args.use_hyper_connections:
+        frac = args.num_fracs > 1
+        variant += f", m = {args.num_fracs}" if frac else f", n = {args.num_residual_streams}"
     if state.iteration:
         start = f"resuming at iteration {state.iteration}"
     else:
