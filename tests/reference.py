@@ -207,15 +207,14 @@ def _hc_args(
 
 
 def sinkhorn(T: Tensor, num_iters: int) -> Tensor:
-    """Sinkhorn-Knopp of one n x n logit matrix: M = exp(T - rowmax), then ``num_iters``
-    times normalise columns, then rows."""
+    """Sinkhorn-Knopp of one n x n logit matrix as the mHC paper writes it: M0 = exp(T), then
+    ``num_iters`` times normalise columns, then rows (fp64, moderate logits)."""
     T = T.double()
     n = T.shape[0]
     M = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
-        row_max = max(T[i, j] for j in range(n))
         for j in range(n):
-            M[i, j] = torch.exp(T[i, j] - row_max)
+            M[i, j] = torch.exp(T[i, j])
     for _ in range(num_iters):
         for j in range(n):
             col_sum = sum(M[i, j] for i in range(n))

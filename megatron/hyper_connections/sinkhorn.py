@@ -1,10 +1,10 @@
 """Sinkhorn-Knopp projection onto doubly stochastic matrices (mHC paper, eq. 9).
 
-Given logits T of shape [..., n, n], returns H_res = Sinkhorn(T): start from M = exp(T) and
-alternately normalise columns and rows, ``num_iters`` times, rows last. Ending with the rows
-makes every row sum to 1 to rounding (forward gain exactly 1); the column sums converge with
-the iterations. Gradients flow through every iteration: detaching them would leave the H_res
-parameters without gradient.
+Given logits T of shape [..., n, n], returns H_res = Sinkhorn(T) exactly as the paper: start
+from M0 = exp(T) and alternately normalise columns and rows, ``num_iters`` times, rows last.
+Ending with the rows makes every row sum to 1 to rounding (forward gain exactly 1); the column
+sums converge with the iterations. Gradients flow through every iteration: detaching them
+would leave the H_res parameters without gradient.
 """
 
 import torch
@@ -24,16 +24,18 @@ def sinkhorn_knopp(logits: Tensor, num_iters: int = 20, log_domain: bool = False
     """
     if num_iters < 1:
         raise ValueError(f"sinkhorn num_iters must be >= 1, got {num_iters}")
-    # Both domains start from M = exp(T - rowmax): the shift changes the result of a finite
-    # number of iterations (the first step normalises columns), so it is part of the method.
-    log_m = logits - logits.amax(dim=-1, keepdim=True)
+    # M0 = exp(T) as the paper, computed as exp(T - colmax) against overflow: the first column
+    # normalisation divides each column by its sum, which absorbs a per-column factor exactly,
+    # so every iteration count gives the paper's matrix. (A per-row shift would not cancel.)
+    # The result does not depend on the shift, so no gradient flows through it.
+    log_m = logits - logits.detach().amax(dim=-2, keepdim=True)
     if log_domain:
         for _ in range(num_iters):
             log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)
             log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)
         return log_m.exp()
 
-    m = log_m.exp()  # finite: each row's largest entry is exactly 1
+    m = log_m.exp()  # finite: each column's largest entry is exactly 1
     # A column (or row) can only sum to zero once exp() has underflowed for every entry of
     # it; the floor turns that 0/0 into 0 instead of NaN and never binds otherwise.
     tiny = torch.finfo(m.dtype).tiny
