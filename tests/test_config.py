@@ -67,7 +67,6 @@ INVALID = [
     (dict(use_manifold_hyper_connections=True), "use_manifold_hyper_connections=True has no effect without use_hyper_connections=True"),
     (dict(num_residual_streams=4), "num_residual_streams=4 has no effect without use_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, mhc_sinkhorn_iters=5), "mhc_sinkhorn_iters=5 has no effect without use_manifold_hyper_connections=True"),
-    (dict(HC, num_residual_streams=4, mtp_num_layers=1), "mtp_num_layers=1 is not supported with use_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, hyper_connections_recompute_block_size=0, recompute_hyper_connections=True), "hyper_connections_recompute_block_size must be None or an integer >= 1, got hyper_connections_recompute_block_size=0"),
     (dict(HC, num_residual_streams=4, hyper_connections_recompute_block_size=2), "hyper_connections_recompute_block_size=2 has no effect without recompute_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, recompute_hyper_connections=True, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), "recompute_hyper_connections=True with recompute_granularity='full' is not supported"),

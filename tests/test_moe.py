@@ -134,12 +134,3 @@ def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
 
 def test_expert_parallel_with_hyper_connections_matches_single_rank() -> None:
     run_distributed(_ep_vs_single, 2, MOE_VARIANTS, timeout=180)
-
-
-# --------------------------------------------------------------------------------------------
-# refused combinations
-
-
-def test_multi_token_prediction_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"mtp_num_layers=1 is not supported"):
-        make_config(VARIANTS["DHCx4"], mtp_num_layers=1)

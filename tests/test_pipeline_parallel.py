@@ -247,6 +247,10 @@ LAYOUTS = {
 }
 
 
+# Multi-token prediction: the MTP block sits on the last stage, after the streams are reduced.
+PIPELINE_VARIANTS = {**VARIANTS, "mHCx4-mtp": dict(VARIANTS["mHCx4"], mtp_num_layers=1)}
+
+
 def _pipeline_vs_single_stage(
     rank: int, world_size: int, variant: str, tp: int, layouts: list[str]
 ) -> None:
@@ -255,7 +259,7 @@ def _pipeline_vs_single_stage(
 
     from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
 
-    hc = VARIANTS[variant]
+    hc = PIPELINE_VARIANTS[variant]
     initialize_distributed(seed=1)  # TP = PP = 1: DP = world_size, the same data everywhere
     initial, final, ref_losses = _reference(hc)
     parallel_state.destroy_model_parallel()
@@ -301,6 +305,10 @@ def _pipeline_vs_single_stage(
 @pytest.mark.parametrize("variant", ["DHCx4", "mHCx4"])
 def test_pipeline_parallel_matches_single_stage(variant: str) -> None:
     run_distributed(_pipeline_vs_single_stage, 2, variant, 1, list(LAYOUTS), timeout=TIMEOUT)
+
+
+def test_pipeline_parallel_with_mtp_on_the_last_stage_matches_single_stage() -> None:
+    run_distributed(_pipeline_vs_single_stage, 2, "mHCx4-mtp", 1, ["1F1B"], timeout=TIMEOUT)
 
 
 def test_tensor_and_pipeline_parallel_with_sequence_parallel_match_single_rank() -> None:

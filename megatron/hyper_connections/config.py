@@ -188,20 +188,14 @@ class TransformerConfig(MCoreTransformerConfig):
                 f"use_manifold_hyper_connections=True needs num_residual_streams >= 2, got "
                 f"num_residual_streams={self.num_residual_streams}"
             )
-        if self.use_hyper_connections:
-            if self.mtp_num_layers:
-                raise ValueError(
-                    f"mtp_num_layers={self.mtp_num_layers} is not supported with "
-                    f"use_hyper_connections=True: multi-token prediction layers take the "
-                    f"single-stream hidden state; use mtp_num_layers=None"
-                )
-            if getattr(self, "cuda_graph_impl", "none") != "none" or getattr(
-                self, "enable_cuda_graph", False
-            ):
-                raise ValueError(
-                    f"cuda_graph_impl={getattr(self, 'cuda_graph_impl', None)!r} is not "
-                    f"supported with use_hyper_connections=True: use cuda_graph_impl='none'"
-                )
+        cuda_graphs = getattr(self, "cuda_graph_impl", "none") != "none" or getattr(
+            self, "enable_cuda_graph", False
+        )
+        if self.use_hyper_connections and cuda_graphs:
+            raise ValueError(
+                f"cuda_graph_impl={getattr(self, 'cuda_graph_impl', None)!r} is not "
+                f"supported with use_hyper_connections=True: use cuda_graph_impl='none'"
+            )
 
 
 def _scaled(init_method: Callable[[torch.Tensor], object], factor: float) -> Callable:
