@@ -44,6 +44,11 @@ VARIANTS = {
         use_manifold_hyper_connections=True,
         mhc_num_dynamic_alpha_proposals=3,
     ),
+    "mHCx4-lite": dict(
+        num_residual_streams=4,
+        use_manifold_hyper_connections=True,
+        mhc_h_res_parameterization="permutations",
+    ),
     "Frac4": dict(num_fracs=4),
 }
 

@@ -60,7 +60,9 @@ def test_disabled_is_megatron_core_exactly():
         assert torch.equal(p.grad, q.grad), name
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "SHCx2", "mHCx4", "mHCx2-3proposals", "Frac4"])
+@pytest.mark.parametrize(
+    "variant", ["DHCx4", "SHCx2", "mHCx4", "mHCx2-3proposals", "mHCx4-lite", "Frac4"]
+)
 def test_every_parameter_gets_a_gradient(variant):
     model = build_gpt(make_config(VARIANTS[variant]))
     # Move off the init so that gradients proportional to the dynamic weights are non-zero.

@@ -307,6 +307,10 @@ def test_pipeline_parallel_matches_single_stage(variant: str) -> None:
     run_distributed(_pipeline_vs_single_stage, 2, variant, 1, list(LAYOUTS), timeout=TIMEOUT)
 
 
+def test_pipeline_parallel_with_mhc_lite_matches_single_stage() -> None:
+    run_distributed(_pipeline_vs_single_stage, 2, "mHCx4-lite", 1, ["1F1B"], timeout=TIMEOUT)
+
+
 def test_pipeline_parallel_with_mtp_on_the_last_stage_matches_single_stage() -> None:
     run_distributed(_pipeline_vs_single_stage, 2, "mHCx4-mtp", 1, ["1F1B"], timeout=TIMEOUT)
 

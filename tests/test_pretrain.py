@@ -260,9 +260,8 @@ BAD_INPUTS = {
     ),
     "model config": (
         ["--num-fracs", "2"],
-        "invalid model configuration: num_fracs=2 is not supported with "
-        "use_manifold_hyper_connections=True: it is an option of HC only; leave num_fracs at its "
-        "default 1 (flags: --num-fracs, --use-manifold-hyper-connections)",
+        "invalid model configuration: num_fracs=2 has no effect on mHC (it is an option of HC): "
+        "leave num_fracs at its default 1 (flags: --num-fracs)",
     ),
     "bad value": (
         ["--hidden-dropout", "1.5"],

@@ -87,6 +87,6 @@ def _tp2_sp_vs_tp1(rank: int, world_size: int, variant: str) -> None:
     destroy_distributed()
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "Frac4"])
+@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx4-lite", "Frac4"])
 def test_tensor_parallel_with_sequence_parallel_matches_single_rank(variant):
     run_distributed(_tp2_sp_vs_tp1, 2, variant)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .hyper_connection import HyperConnection, HyperConnectionBase
 from .manifold_hyper_connection import ManifoldHyperConnection
-from .options import MHC, module_kind, module_kwargs
+from .options import HC, kind_of, module_kwargs
 
 try:  # megatron-core >= 0.16
     from megatron.core.transformer.transformer_layer import MoETransformerLayer
@@ -35,7 +35,7 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
     megatron-core's all-reduce over the tensor-parallel group.
     """
     device = None if config.use_cpu_initialization else torch.cuda.current_device()
-    module_class = ManifoldHyperConnection if module_kind(config) == MHC else HyperConnection
+    module_class = HyperConnection if kind_of(config) == HC else ManifoldHyperConnection
     module = module_class(
         config.hidden_size,
         layer_index=sublayer_index,
