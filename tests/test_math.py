@@ -150,18 +150,19 @@ def hc_reference(
 def mhc_reference(
     module: ManifoldHyperConnection, state: Tensor, branch: Branch
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference mHC sublayer with ``module``'s parameters: h0, X', H_res."""
-    with torch.no_grad():
-        return ref.mhc_sublayer(
-            state,
-            module.num_residual_streams,
-            branch,
-            module.bias,
-            module.gates,
-            module.dynamic_proj,
-            sinkhorn_iters=module.sinkhorn_iters,
-            eps=module.eps,
-        )
+    """The reference mHC sublayer with ``module``'s parameters: h0, X', H_res (with their
+    graph on the parameters)."""
+    return ref.mhc_sublayer(
+        state,
+        module.num_residual_streams,
+        branch,
+        module.bias,
+        module.gates,
+        module.dynamic_proj,
+        sinkhorn_iters=module.sinkhorn_iters,
+        eps=module.eps,
+        h_res_parameterization=module.h_res_parameterization,
+    )
 
 
 def run_module(
@@ -718,20 +719,6 @@ def make_mhc_lite(n: int, proposals: int, dynamic: bool) -> ManifoldHyperConnect
     )
 
 
-def _mhc_reference_with_graph(module: ManifoldHyperConnection, state: Tensor, branch: Branch):
-    return ref.mhc_sublayer(
-        state,
-        module.num_residual_streams,
-        branch,
-        module.bias,
-        module.gates,
-        module.dynamic_proj,
-        sinkhorn_iters=module.sinkhorn_iters,
-        eps=module.eps,
-        h_res_parameterization=module.h_res_parameterization,
-    )
-
-
 @pytest.mark.parametrize("layout", ["bsh", "sbh"])
 @pytest.mark.parametrize(("n", "proposals", "dynamic"), LITE_VARIANTS)
 def test_mhc_lite_module_matches_reference(
@@ -742,8 +729,7 @@ def test_mhc_lite_module_matches_reference(
     branch = make_branch(HIDDEN)
 
     branch_input, new_state = run_module(module, state, branch)
-    with torch.no_grad():
-        ref_h0, ref_state, ref_h_res = _mhc_reference_with_graph(module, state.double(), branch)
+    ref_h0, ref_state, ref_h_res = mhc_reference(module, state.double(), branch)
 
     assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
     assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
@@ -774,7 +760,7 @@ def test_mhc_outputs_and_parameter_gradients_match_fp64_reference(make: Callable
     (new_state * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in module.named_parameters()}
     module.zero_grad()
-    ref_h0, ref_state, _ = _mhc_reference_with_graph(module, state, branch)
+    ref_h0, ref_state, _ = mhc_reference(module, state, branch)
     (ref_state * weights).sum().backward()
 
     tol = {"rtol": 1e-6, "atol": 1e-9}
