@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plot_stability
 
+from megatron.hyper_connections.training.monitoring import gain_quantity, stability_tag
+
 # Small enough for a 2-core CPU: the three runs take a few minutes in all.
 MODEL_FLAGS = [
     "--num-layers", "4",
@@ -54,8 +56,6 @@ VARIANTS = {
         ],
     ),
 }  # fmt: skip
-
-GAIN = "hyper-connections/{direction}_gain/composite_{statistic}/max"
 
 
 @dataclass
@@ -95,6 +95,12 @@ def summarize(
     _, validation = plot_stability.series(records, "lm loss validation")
     _, speeds = plot_stability.series(records, "tokens-per-second")
     speeds = sorted(speeds[1:] or speeds)  # the first interval includes warm-up
+
+    def largest_composite_gain(direction: str, statistic: str) -> float | None:
+        """Over sublayers (the logged max) and over the log intervals."""
+        tag = stability_tag(gain_quantity(direction, "composite", statistic))
+        return plot_stability.max_value(records, tag)
+
     return RunResult(
         name=name,
         label=label,
@@ -102,18 +108,10 @@ def summarize(
         final_validation_loss=validation[-1] if validation else None,
         best_validation_loss=min(validation) if validation else None,
         final_train_loss=plot_stability.last_value(records, "lm loss"),
-        max_forward_gain=plot_stability.max_value(
-            records, GAIN.format(direction="forward", statistic="per_token")
-        ),
-        max_backward_gain=plot_stability.max_value(
-            records, GAIN.format(direction="backward", statistic="per_token")
-        ),
-        max_forward_gain_mean_matrix=plot_stability.max_value(
-            records, GAIN.format(direction="forward", statistic="mean_matrix")
-        ),
-        max_backward_gain_mean_matrix=plot_stability.max_value(
-            records, GAIN.format(direction="backward", statistic="mean_matrix")
-        ),
+        max_forward_gain=largest_composite_gain("forward", "per_token"),
+        max_backward_gain=largest_composite_gain("backward", "per_token"),
+        max_forward_gain_mean_matrix=largest_composite_gain("forward", "mean_matrix"),
+        max_backward_gain_mean_matrix=largest_composite_gain("backward", "mean_matrix"),
         tokens_per_second=speeds[len(speeds) // 2] if speeds else None,
     )
 
