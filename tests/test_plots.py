@@ -89,13 +89,18 @@ def test_plot_stability_skips_gains_of_residual_runs(tmp_path, capsys):
     assert "no composite gains" in capsys.readouterr().out
 
 
-def test_report_has_a_table_with_the_three_runs(tmp_path):
+def test_report_has_a_table_with_the_four_runs(tmp_path):
     results = []
     for name, (label, _) in demo.VARIANTS.items():
         records = plot_stability.load_scalars(
             _write_log(tmp_path / name, hc=name != "residual", growth=1.2)
         )
-        parameters = {"residual": 1_000_000, "dhc": 1_010_000, "mhc": 1_012_000}[name]
+        parameters = {
+            "residual": 1_000_000,
+            "dhc": 1_010_000,
+            "mhc": 1_012_000,
+            "mhc-lite": 1_015_000,
+        }[name]
         results.append(demo.summarize(name, label, records, parameters))
     figure = tmp_path / "plots" / "loss.png"
     figure.parent.mkdir()
@@ -103,15 +108,16 @@ def test_report_has_a_table_with_the_three_runs(tmp_path):
     report = demo.write_report(tmp_path, results, [figure], settings="synthetic")
     text = report.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4  # header and three runs
+    assert len(rows) == 5  # header and four runs
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
         "residual baseline",
         "DHC x4",
         "mHC x4",
+        "mHC-lite x4",
     ]
-    residual, dhc, mhc = rows[1:]
+    residual, dhc, mhc, lite = rows[1:]
     assert "1,000,000" in residual and "+0.00%" in residual and "no HC" in residual
-    assert "+1.00%" in dhc and "+1.20%" in mhc
+    assert "+1.00%" in dhc and "+1.20%" in mhc and "+1.50%" in lite
     assert "2.5000" in residual  # final validation loss 4.5 - 60 / 30
     assert f"{1.2**6 * 1.7:.4f}" in dhc  # largest composite gain, last sublayer, last log
     assert "1,040" in mhc  # median tokens/s over the logs after the first

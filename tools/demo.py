@@ -1,10 +1,10 @@
-"""Residual vs. HC vs. mHC in a few minutes on a CPU: train the same small GPT three times.
+"""Residual vs. HC vs. mHC vs. mHC-lite on a CPU: train the same small GPT four times.
 
     python tools/demo.py                      # runs/demo/report.md and its figures
     python tools/demo.py --output-dir runs/demo --train-iters 60
 
-The three runs (residual baseline, dynamic HC with n = 4, mHC with n = 4) go through the real
-entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after the other,
+The four runs (residual baseline, dynamic HC, mHC and mHC-lite, each with n = 4) go through
+the real entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after the other,
 with the same seed, data (the embedded corpus), model size and iterations. Then
 ``tools/plot_stability.py`` draws the figures and ``report.md`` puts validation loss, the
 largest composite gains, throughput and parameter counts side by side.
@@ -28,7 +28,7 @@ import plot_stability
 
 from megatron.hyper_connections.training.monitoring import gain_quantity, stability_tag
 
-# Small enough for a 2-core CPU: the three runs take a few minutes in all.
+# Small enough for a 2-core CPU: the four runs take a few minutes in all.
 MODEL_FLAGS = [
     "--num-layers", "4",
     "--hidden-size", "128",
@@ -53,6 +53,15 @@ VARIANTS = {
             "--use-hyper-connections",
             "--num-residual-streams", "4",
             "--use-manifold-hyper-connections",
+        ],
+    ),
+    "mhc-lite": (
+        "mHC-lite x4",
+        [
+            "--use-hyper-connections",
+            "--num-residual-streams", "4",
+            "--use-manifold-hyper-connections",
+            "--mhc-h-res-parameterization", "permutations",
         ],
     ),
 }  # fmt: skip
@@ -129,7 +138,7 @@ def report_markdown(
     """The report: one table with the runs side by side, then the figures (paths relative to
     the report)."""
     baseline = next((r.parameters for r in results if r.parameters), None)
-    lines = ["# Residual vs. HC vs. mHC: demo report", ""]
+    lines = ["# Residual vs. HC vs. mHC vs. mHC-lite: demo report", ""]
     if settings:
         lines += [settings, ""]
     lines += [
