@@ -4,8 +4,8 @@
     python tools/demo.py --output-dir runs/demo --train-iters 60
 
 The four runs (residual baseline, dynamic HC, mHC and mHC-lite, each with n = 4) go through
-the real entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after the other,
-with the same seed, data (the embedded corpus), model size and iterations. Then
+the real entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after
+the other, with the same seed, data (the embedded corpus), model size and iterations. Then
 ``tools/plot_stability.py`` draws the figures and ``report.md`` puts validation loss, the
 largest composite gains, throughput and parameter counts side by side.
 """
