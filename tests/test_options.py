@@ -21,7 +21,7 @@ from megatron.hyper_connections.options import (
     must_match_fields,
     options_table,
 )
-from megatron.hyper_connections.training.arguments import build_parser
+from megatron.hyper_connections.training.parser import build_parser
 from tests.models import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"

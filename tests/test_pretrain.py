@@ -306,7 +306,7 @@ def test_bad_input_stops_before_start_and_leaves_checkpoints_alone(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from megatron.hyper_connections.training import pretrain
+    from megatron.hyper_connections.training import distributed, pretrain
 
     if case == "tokenizer smaller than the data":
         _word_level_tokenizer(tmp_path / "small.json")
@@ -322,7 +322,7 @@ def test_bad_input_stops_before_start_and_leaves_checkpoints_alone(
     def no_set_up(*args: object, **kwargs: object) -> None:
         raise AssertionError("process groups were being set up")
 
-    monkeypatch.setattr(pretrain, "initialize_distributed", no_set_up)
+    monkeypatch.setattr(distributed, "initialize_distributed", no_set_up)
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main([*_flags(dataset, reference_run), "--load", str(save), *extra])
 
