@@ -16,24 +16,18 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def megatron_single_rank():
-    """torch.distributed with one gloo rank and megatron-core's parallel state, TP = PP = 1."""
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    """torch.distributed with one gloo rank and megatron-core's parallel state, TP = PP = 1,
+    set up as the trainer does it (a local rendezvous; the CPU layer without CUDA)."""
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     torch.set_num_threads(2)
     initialize_distributed()
     yield
     destroy_distributed()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -57,7 +57,7 @@ def _save_tp2_load_pp2(world_size: int, ckpt_root: str, variant: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron.hyper_connections.cpu_compat import initialize_distributed
+    from megatron.hyper_connections.training.distributed import initialize_distributed
 
     hc, batch = VARIANTS[variant], lm_batch(seed=5)
     ckpt_dir = f"{ckpt_root}/{variant}"
@@ -115,7 +115,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path: Path) -> None:
 def _save_tp2_load_pp2_variants(
     rank: int, world_size: int, ckpt_root: str, variants: list[str]
 ) -> None:
-    from megatron.hyper_connections.cpu_compat import destroy_distributed
+    from megatron.hyper_connections.training.distributed import destroy_distributed
 
     for variant in variants:
         _save_tp2_load_pp2(world_size, ckpt_root, variant)

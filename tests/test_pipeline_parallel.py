@@ -257,7 +257,10 @@ def _pipeline_vs_single_stage(
     """The PP=1 reference, then each of ``layouts`` at PP = world_size / tp, in turn."""
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     hc = PIPELINE_VARIANTS[variant]
     initialize_distributed(seed=1)  # TP = PP = 1: DP = world_size, the same data everywhere
@@ -327,7 +330,10 @@ def _data_parallel_vs_single(rank: int, world_size: int, variant: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     hc = VARIANTS[variant]
     initialize_distributed(seed=1)

@@ -146,12 +146,10 @@ def variants(args: argparse.Namespace, scope: str) -> list[Variant]:
 def setup_megatron() -> torch.device:
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import initialize_distributed
+    from megatron.hyper_connections.training.distributed import initialize_distributed
 
     if not parallel_state.model_parallel_is_initialized():  # else: called from a test
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a local rendezvous
         # The benchmark passes its own causal mask and runs no schedule or optimizer, so on
         # CPU it needs megatron-core's RNG tracker but not the CUDA-to-CPU function mode.
         initialize_distributed(function_mode=False)
