@@ -219,7 +219,8 @@ def count_parameters(flags: Sequence[str]) -> int:
 
 
 def _print_parameter_count(flags: Sequence[str]) -> None:
-    from megatron.hyper_connections.training.arguments import parse_args, transformer_config
+    from megatron.hyper_connections.training.checks import parse_args
+    from megatron.hyper_connections.training.factories import transformer_config
     from megatron.hyper_connections.training.pretrain import megatron_parallel_state, model_chunks
 
     args = parse_args(list(flags))

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..hyper_connection import HyperConnectionBase
 from ..metrics import composite, gains, log_amax
-from .arguments import args_as_dict
+from .parser import args_as_dict
 
 __all__ = [
     "H_RES",
