@@ -25,10 +25,10 @@ from megatron.hyper_connections.manifold_hyper_connection import (
 from megatron.hyper_connections.metrics import backward_gain, forward_gain, log_amax
 from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
 from megatron.hyper_connections.streams import (
-    depth_connection,
+    branch_input,
     expand_streams,
+    merge_branch_output,
     reduce_streams,
-    width_connection,
 )
 
 HIDDEN = 8
@@ -169,8 +169,8 @@ def run_module(
     module: HyperConnection | ManifoldHyperConnection, state: Tensor, branch: Branch
 ) -> tuple[Tensor, Tensor]:
     """(branch input, new state) through the module's width and depth connections."""
-    branch_input, residual = module.width_connection(state)
-    return branch_input, module.depth_connection(branch(branch_input), residual)
+    h0, inputs = module.width_connection(state)
+    return h0, module.depth_connection(branch(h0), inputs)
 
 
 def assert_close(actual: Tensor, expected: Tensor, what: str, tol: dict[str, float]) -> None:
@@ -243,8 +243,8 @@ def test_hc_functional_fp64_matches_reference(
     with torch.no_grad():
         mixing = hc_mixing(rows, *params, use_tanh=use_tanh, eps=module.eps)
         assert mixing.h_res.dtype == torch.float64, "hc_mixing must not cast float64 inputs"
-        h0 = width_connection(rows, mixing.h_pre)
-        new_state = depth_connection(rows, branch(h0), mixing.h_post, mixing.h_res)
+        h0 = branch_input(rows, mixing.h_pre)
+        new_state = merge_branch_output(rows, branch(h0), mixing.h_post, mixing.h_res)
 
     ref_h0, ref_state, ref_h_res = hc_reference(module, state, branch)
     assert_close(h0, ref_h0, "branch input", FP64_TOL)
@@ -289,8 +289,8 @@ def test_mhc_functional_fp64_matches_reference(
             eps=module.eps,
         )
         assert mixing.h_res.dtype == torch.float64, "mhc_mixing must not cast float64 inputs"
-        h0 = width_connection(rows, mixing.h_pre)
-        new_state = depth_connection(rows, branch(h0), mixing.h_post, mixing.h_res)
+        h0 = branch_input(rows, mixing.h_pre)
+        new_state = merge_branch_output(rows, branch(h0), mixing.h_post, mixing.h_res)
 
     ref_h0, ref_state, ref_h_res = mhc_reference(module, state, branch)
     assert_close(h0, ref_h0, "branch input", FP64_TOL)
@@ -359,13 +359,13 @@ def test_gradcheck_sinkhorn(log_domain: bool) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_gradcheck_width_and_depth_connection(k: int) -> None:
+def test_gradcheck_branch_input_and_merge_branch_output(k: int) -> None:
     N, D = 3, 4
     state, h_pre = _leaf(2, N, D, seed=1), _leaf(2, k, N, seed=2)
     branch_output, h_post, h_res = _leaf(2, k * D, seed=3), _leaf(2, N, seed=4), _leaf(2, N, N)
-    assert torch.autograd.gradcheck(width_connection, (state, h_pre)), "width_connection"
-    assert torch.autograd.gradcheck(depth_connection, (state, branch_output, h_post, h_res)), (
-        "depth_connection"
+    assert torch.autograd.gradcheck(branch_input, (state, h_pre)), "branch_input"
+    assert torch.autograd.gradcheck(merge_branch_output, (state, branch_output, h_post, h_res)), (
+        "merge_branch_output"
     )
 
 

@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import triton_kernels
+from .backends import TRITON, Backend
 from .hyper_connection import HyperConnectionBase
 from .permutations import MAX_STREAMS, num_permutations, permutation_mixture
 from .projection import Projection, rms_projection
@@ -199,6 +199,7 @@ class ManifoldHyperConnection(HyperConnectionBase):
             self.register_parameter("gates", None)
             self.register_parameter("dynamic_proj", None)
         self.reset_parameters()
+        self.choose_backend()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -220,21 +221,30 @@ class ManifoldHyperConnection(HyperConnectionBase):
     def projection_inputs(self, rows: Tensor) -> Tensor:
         return rows.flatten(-2).unsqueeze(-2)  # the whole token, n*C values
 
-    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+    def backend_options(self) -> dict:
+        return {
+            **super().backend_options(),
+            "manifold": True,
+            "log_domain_sinkhorn": self.log_domain_sinkhorn,
+            "h_res_parameterization": self.h_res_parameterization,
+        }
+
+    def coefficients(
+        self, projection: Projection | None, dtype: torch.dtype, backend: Backend
+    ) -> Mixing:
         gates = None if self.gates is None else self.gates.to(dtype)
         bias = self.bias.to(dtype)
-        fused_inputs = () if projection is None else projection
-        sinkhorn = self.h_res_parameterization == "sinkhorn"
-        if sinkhorn and not self.log_domain_sinkhorn and self.fused(bias, *fused_inputs):
+        if backend.coefficients == TRITON:
             proj = inv_rms = None
             if projection is not None:  # [T, 1, P*W] and [T, 1, 1] -> [T, P, W] and [T]
                 proj = projection.proj.squeeze(-2).unflatten(-1, bias.shape)
                 inv_rms = projection.inv_rms.flatten(-3)
-            h_pre, h_post, h_res = triton_kernels.mhc_coefficients(
-                proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
+            return Mixing(
+                *backend.ops.mhc_coefficients(
+                    proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
+                )
             )
-            return Mixing(h_pre, h_post, h_res)
-        return self.coefficient_function(mhc_coefficients)(
+        return self.coefficient_function(mhc_coefficients, backend)(
             projection,
             bias,
             gates,
