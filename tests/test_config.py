@@ -99,9 +99,9 @@ def test_output_init_scaling():
 
 
 def test_fused_kernels_need_triton(monkeypatch):
-    from megatron.hyper_connections import triton_kernels
+    from megatron.hyper_connections.kernels import availability
 
-    monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
+    monkeypatch.setattr(availability, "HAVE_TRITON", False)
     with pytest.raises(ValueError) as error:
         TransformerConfig(
             **TINY,

@@ -182,9 +182,9 @@ class TransformerConfig(MCoreTransformerConfig):
                 )
 
         if self.hyper_connections_fused_kernels:
-            from . import triton_kernels
+            from .kernels import availability
 
-            if not triton_kernels.HAVE_TRITON:
+            if not availability.HAVE_TRITON:
                 raise ValueError(
                     "hyper_connections_fused_kernels=True needs Triton, which is not "
                     "installed: pip install triton (it comes with CUDA builds of torch), or "
