@@ -30,9 +30,11 @@ def num_permutations(n: int) -> int:
 
 
 @functools.cache
-def _permutation_matrices(n: int) -> Tensor:
+def _permutation_matrices(n: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
+    # Once per device: a copy to a GPU every call would wait for the host.
     rows = torch.tensor(list(itertools.permutations(range(n))))  # [n!, n], identity first
-    return torch.nn.functional.one_hot(rows, n).float()  # P_k[i, perm_k(i)] = 1
+    one_hot = torch.nn.functional.one_hot(rows, n)  # P_k[i, perm_k(i)] = 1
+    return one_hot.to(dtype=dtype, device=device)
 
 
 def permutation_matrices(n: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
@@ -43,7 +45,7 @@ def permutation_matrices(n: int, dtype: torch.dtype, device: torch.device | None
             f"H_res as a mixture of permutations takes 1 to {MAX_STREAMS} streams "
             f"(n! logits per token), got n={n}"
         )
-    return _permutation_matrices(n).to(dtype=dtype, device=device)
+    return _permutation_matrices(n, dtype, device)
 
 
 def permutation_mixture(logits: Tensor, n: int) -> Tensor:
