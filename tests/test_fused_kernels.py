@@ -2,7 +2,7 @@
 one (the same autograd functions with PyTorch ops).
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before they are defined); the kernels' own tests are in test_triton_kernels.py.
+before they are defined); the kernels' own tests are in test_kernels.py.
 """
 
 import pytest
