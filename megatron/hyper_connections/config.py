@@ -90,10 +90,10 @@ class TransformerConfig(MCoreTransformerConfig):
     Sinkhorn, become a few fused kernels. Costs a compilation on the first steps."""
 
     hyper_connections_fused_kernels: bool = hc_option(False)
-    """Triton kernels for the coefficients (mHC), the width connection H_pre X and the depth
-    connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA tensors. Needs
-    Triton; the PyTorch path remains where a kernel does not apply (CPU tensors, fp64,
-    log-domain Sinkhorn, HC dropout, and the depth connection under
+    """Triton kernels for the coefficients (mHC, mHC-lite), the width connection H_pre X and
+    the depth connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA
+    tensors. Needs Triton; the PyTorch path remains where a kernel does not apply (CPU
+    tensors, fp64, log-domain Sinkhorn, HC dropout, and the depth connection under
     ``recompute_hyper_connections``, whose state chain the kernel would bypass)."""
 
     mhc_sinkhorn_iters: int = hc_option(
