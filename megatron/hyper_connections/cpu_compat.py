@@ -39,6 +39,25 @@ What is replaced, and why:
   one that runs megatron), not Python threads started elsewhere.
 
 `initialize_distributed()` uses gloo on CPU and NCCL with CUDA.
+
+Megatron-LM's trainer (``megatron.training``, from megatron-core >= 0.17 or a Megatron-LM
+checkout) needs four things more, which `enable_cpu_megatron_training()` adds, again only
+without CUDA:
+
+* `initialize_megatron` asserts CUDA unless called with ``allow_no_cuda=True``; its
+  `pretrain` calls it without, so `pretrain`'s reference to it passes that flag.
+* `_initialize_distributed` sets up megatron's parallel state, and `_set_random_seed` the
+  model-parallel RNG streams, only when `torch.cuda.device_count() > 0`: both run seeing one
+  device, whose `torch.cuda.set_device` does nothing (the CPU is the device).
+* `validate_args` reads the GPU architecture (`get_device_arch_version`) for tensor or context
+  parallelism; on a CPU it answers 0, so Megatron-LM applies its pre-Blackwell rules (which ask
+  for ``CUDA_DEVICE_MAX_CONNECTIONS=1``, as its example scripts set).
+* Megatron-LM up to 0.16 compiles its legacy fused CUDA kernels at start-up
+  (`megatron.legacy.fused_kernels.load`, which needs nvcc); there are none to load on a CPU.
+
+The rest is flags of Megatron-LM's own, for what a CPU lacks: ``--distributed-backend gloo``,
+``--transformer-impl local``, ``--no-gradient-accumulation-fusion``, ``--no-persist-layer-norm``
+and ``--no-masked-softmax-fusion`` (no Apex, Transformer Engine or compiled Megatron kernels).
 """
 
 from __future__ import annotations
@@ -55,11 +74,17 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["destroy_distributed", "enable_cpu_megatron", "initialize_distributed"]
+__all__ = [
+    "destroy_distributed",
+    "enable_cpu_megatron",
+    "enable_cpu_megatron_training",
+    "initialize_distributed",
+]
 
 _CPU = torch.device("cpu")
 _enabled = False
 _mode_entered = False
+_training_enabled = False
 
 
 def _is_cuda(device: Any) -> bool:
@@ -257,3 +282,51 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM's trainer (megatron.training)
+
+
+def _allowing_no_cuda(initialize_megatron: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(initialize_megatron)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        return initialize_megatron(*args, **{**kwargs, "allow_no_cuda": True})
+
+    return initialize
+
+
+def _seeing_one_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        device_count, set_device = torch.cuda.device_count, torch.cuda.set_device
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.set_device = lambda device: None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.device_count, torch.cuda.set_device = device_count, set_device
+
+    return wrapped
+
+
+def enable_cpu_megatron_training() -> None:
+    """`enable_cpu_megatron()` plus what Megatron-LM's trainer needs on a CPU (see the module
+    docstring); idempotent, a no-op with CUDA."""
+    global _training_enabled
+    if torch.cuda.is_available() or _training_enabled:
+        return
+    enable_cpu_megatron()
+    from megatron.training import arguments, initialize, training
+
+    training.initialize_megatron = _allowing_no_cuda(initialize.initialize_megatron)
+    initialize._initialize_distributed = _seeing_one_device(initialize._initialize_distributed)
+    initialize._set_random_seed = _seeing_one_device(initialize._set_random_seed)
+    arguments.get_device_arch_version = lambda: 0
+    try:  # Megatron-LM checkouts up to 0.16
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        pass
+    else:
+        fused_kernels.load = lambda args: None
+    _training_enabled = True

@@ -60,6 +60,7 @@ __all__ = [
     "hyper_connection_stability",
     "is_logging_rank",
     "stability_scalars",
+    "stage_summaries",
     "sublayer_name",
 ]
 
@@ -124,7 +125,10 @@ def hyper_connection_stability(
         and ps.get_data_parallel_rank() == 0
     ):
         return {}
-    local = _stage_summaries(model_chunks)
+    # On the CPU: this is where the device is synchronised.
+    local = {
+        i: {k: v.cpu() for k, v in s.items()} for i, s in stage_summaries(model_chunks).items()
+    }
     if ps.get_pipeline_model_parallel_world_size() == 1:
         stages = [local]
     else:
@@ -144,10 +148,10 @@ def hyper_connection_stability(
     return stability_scalars(summaries, with_log_amax) if summaries else {}
 
 
-def _stage_summaries(model_chunks: Sequence[torch.nn.Module]) -> dict[int, dict[str, Tensor]]:
+def stage_summaries(model_chunks: Sequence[torch.nn.Module]) -> dict[int, dict[str, Tensor]]:
     """Per sublayer of this stage, from its last H_res: the token-averaged matrix ``mean``
-    [n, n], the ``gains`` (``_GAIN_KEYS`` and log_amax) and a fixed token ``sample`` [K, n, n]
-    (on the CPU: this is where the device is synchronised)."""
+    [n, n], the ``gains`` (``_GAIN_KEYS`` and log_amax) and a fixed token ``sample`` [K, n, n],
+    on the device (no host sync)."""
     summaries = {}
     for module in (m for chunk in model_chunks for m in chunk.modules()):
         if not isinstance(module, HyperConnectionBase) or module.last_h_res() is None:
@@ -164,7 +168,7 @@ def _stage_summaries(model_chunks: Sequence[torch.nn.Module]) -> dict[int, dict[
             "gains": torch.stack([*(token_gains[k] for k in _GAIN_KEYS), log_amax(mean)]),
             "sample": tokens[picks],
         }
-    return {i: {k: v.cpu() for k, v in s.items()} for i, s in summaries.items()}
+    return summaries
 
 
 def h_res_matrices(summaries: dict[int, dict[str, Tensor]]) -> dict[str, list[list[float]]]:
@@ -179,7 +183,7 @@ def h_res_matrices(summaries: dict[int, dict[str, Tensor]]) -> dict[str, list[li
 def stability_scalars(
     summaries: dict[int, dict[str, Tensor]], with_log_amax: bool = False
 ) -> dict[str, float]:
-    """Tagged scalars from the per-sublayer summaries of ``_stage_summaries``. Composites need
+    """Tagged scalars from the per-sublayer summaries of ``stage_summaries``. Composites need
     every sublayer 0 .. 2L-1 and are left out otherwise."""
     per_kind: dict[tuple[str, str], dict[str, float]] = {}
 
