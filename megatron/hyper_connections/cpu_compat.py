@@ -41,7 +41,7 @@ What is replaced, and why:
 `initialize_distributed()` uses gloo on CPU and NCCL with CUDA.
 
 Megatron-LM's trainer (``megatron.training``, from megatron-core >= 0.17 or a Megatron-LM
-checkout) needs four things more, which `enable_cpu_megatron_training()` adds, again only
+checkout) needs five things more, which `enable_cpu_megatron_training()` adds, again only
 without CUDA:
 
 * `initialize_megatron` asserts CUDA unless called with ``allow_no_cuda=True``; its
@@ -54,6 +54,11 @@ without CUDA:
   for ``CUDA_DEVICE_MAX_CONNECTIONS=1``, as its example scripts set).
 * Megatron-LM up to 0.16 compiles its legacy fused CUDA kernels at start-up
   (`megatron.legacy.fused_kernels.load`, which needs nvcc); there are none to load on a CPU.
+* On a CPU the "device" random numbers are the CPU generator's, and a data loader draws its
+  base seed from that generator when its iterator starts. Megatron-LM starts its iterators
+  after restoring a checkpoint's random states, so a resumed run would drop out other units
+  than the uninterrupted one (on a GPU dropout draws from the CUDA generator, which loaders
+  leave alone): `build_pretraining_data_loader`'s loaders get a generator of their own.
 
 The rest is flags of Megatron-LM's own, for what a CPU lacks: ``--distributed-backend gloo``,
 ``--transformer-impl local``, ``--no-gradient-accumulation-fusion``, ``--no-persist-layer-norm``
@@ -310,6 +315,17 @@ def _seeing_one_device(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def _with_own_generator(build_loader: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(build_loader)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        loader = build_loader(*args, **kwargs)
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = torch.Generator()
+        return loader
+
+    return build
+
+
 def enable_cpu_megatron_training() -> None:
     """`enable_cpu_megatron()` plus what Megatron-LM's trainer needs on a CPU (see the module
     docstring); idempotent, a no-op with CUDA."""
@@ -323,6 +339,9 @@ def enable_cpu_megatron_training() -> None:
     initialize._initialize_distributed = _seeing_one_device(initialize._initialize_distributed)
     initialize._set_random_seed = _seeing_one_device(initialize._set_random_seed)
     arguments.get_device_arch_version = lambda: 0
+    training.build_pretraining_data_loader = _with_own_generator(
+        training.build_pretraining_data_loader
+    )
     try:  # Megatron-LM checkouts up to 0.16
         from megatron.legacy import fused_kernels
     except ImportError:
