@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -23,13 +22,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from megatron.hyper_connections.training.distributed import free_port
+
 __all__ = ["run_distributed"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(
@@ -69,7 +64,7 @@ def run_distributed(
     __tracebackhide__ = True  # pytest: report the child's traceback, not this loop
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     # Not daemonic: ranks may start processes of their own (e.g. dist_checkpointing's writers);
     # the `finally` below makes sure none outlives this call.
     procs = [

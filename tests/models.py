@@ -6,7 +6,10 @@ from typing import Any
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
 from megatron.core.models.gpt.gpt_model import GPTModel as MCoreGPTModel
 
 from megatron.hyper_connections import GPTModel, TransformerConfig
@@ -41,6 +44,11 @@ VARIANTS = {
         use_manifold_hyper_connections=True,
         mhc_num_dynamic_alpha_proposals=3,
     ),
+    "mHCx4-lite": dict(
+        num_residual_streams=4,
+        use_manifold_hyper_connections=True,
+        mhc_h_res_parameterization="permutations",
+    ),
     "Frac4": dict(num_fracs=4),
 }
 
@@ -67,6 +75,17 @@ def build_gpt(
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     if spec is None:
         spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts)
+    if config.mtp_num_layers and "mtp_block_spec" not in kwargs:
+        # megatron-core's MTP block of residual layers (also for an HC decoder), with rotary
+        # positions as MTP models use: under pipeline parallelism the MTP stage's copy of
+        # learned absolute position embeddings is not kept in sync with the first stage's.
+        kwargs.setdefault("position_embedding_type", "rope")
+        kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config,
+            get_gpt_layer_local_spec(num_experts=config.num_moe_experts),
+            use_transformer_engine=False,
+            vp_stage=kwargs.get("vp_stage"),
+        )
     return model_cls(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ, **kwargs)
 
 

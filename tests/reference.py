@@ -20,6 +20,7 @@ tests can use the same value as the module under test.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -208,23 +209,17 @@ def _hc_args(
 
 def sinkhorn(T: Tensor, num_iters: int) -> Tensor:
     """Sinkhorn-Knopp of one n x n logit matrix as the mHC paper writes it: M0 = exp(T), then
-    ``num_iters`` times normalise columns, then rows (fp64, moderate logits)."""
+    ``num_iters`` times normalise columns, then rows (fp64, moderate logits; entries are kept
+    as separate scalars so that autograd can differentiate it)."""
     T = T.double()
     n = T.shape[0]
-    M = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
-            M[i, j] = torch.exp(T[i, j])
+    M = [[torch.exp(T[i, j]) for j in range(n)] for i in range(n)]
     for _ in range(num_iters):
-        for j in range(n):
-            col_sum = sum(M[i, j] for i in range(n))
-            for i in range(n):
-                M[i, j] = M[i, j] / col_sum
-        for i in range(n):
-            row_sum = sum(M[i, j] for j in range(n))
-            for j in range(n):
-                M[i, j] = M[i, j] / row_sum
-    return M
+        col_sums = [sum(M[i][j] for i in range(n)) for j in range(n)]
+        M = [[M[i][j] / col_sums[j] for j in range(n)] for i in range(n)]
+        row_sums = [sum(M[i]) for i in range(n)]
+        M = [[M[i][j] / row_sums[i] for j in range(n)] for i in range(n)]
+    return torch.stack([torch.stack(row) for row in M])
 
 
 def _sigmoid(v: Tensor) -> Tensor:
@@ -240,11 +235,11 @@ def _mhc_token(
     phi: Tensor | None,
     sinkhorn_iters: int,
     eps: float,
+    h_res_parameterization: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     C = x.shape[0] // n
     X = [x[j * C : (j + 1) * C] for j in range(n)]
-    P = bias.shape[0]
-    width = n * n + 2 * n
+    P, width = bias.shape
     r = _rms(x, eps)  # RMS over all n*C values of the token
 
     H_pre = torch.zeros(n, dtype=torch.float64)
@@ -259,14 +254,17 @@ def _mhc_token(
                 gate = a_pre if c < n else (a_post if c < 2 * n else a_res)
                 t[c] = gate * proj[c] / r + bias[p, c]
         t_pre, t_post, t_res = t[:n], t[n : 2 * n], t[2 * n :]
-        T_res = torch.zeros(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(n):
-                T_res[i, j] = t_res[i * n + j]  # row-major
         # Constrain each proposal, then average them.
-        H_pre += _sigmoid(t_pre) / P
-        H_post += 2.0 * _sigmoid(t_post) / P
-        H_res += sinkhorn(T_res, sinkhorn_iters) / P
+        H_pre = H_pre + _sigmoid(t_pre) / P
+        H_post = H_post + 2.0 * _sigmoid(t_post) / P
+        if h_res_parameterization == "permutations":
+            H_res = H_res + permutation_mixture(t_res, n) / P
+        else:
+            T_res = torch.zeros(n, n, dtype=torch.float64)
+            for i in range(n):
+                for j in range(n):
+                    T_res[i, j] = t_res[i * n + j]  # row-major
+            H_res = H_res + sinkhorn(T_res, sinkhorn_iters) / P
 
     h0 = sum(H_pre[j] * X[j] for j in range(n))  # h0 = H_pre X
     y = branch(h0)
@@ -284,23 +282,42 @@ def mhc_sublayer(
     phi: Tensor | None = None,
     sinkhorn_iters: int = 20,
     eps: float = 1e-5,
+    h_res_parameterization: str = "sinkhorn",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """mHC around ``branch``, per token, with P = bias.shape[0] proposals.
 
     Args:
-        state: [..., n*C]. bias: [P, n^2 + 2n] = [pre | post | res (row-major)] per proposal.
-        gates: [P, 3] = (a_pre, a_post, a_res). phi: [n*C, P*(n^2 + 2n)], proposal p in
-            columns p*(n^2+2n) ... (p+1)*(n^2+2n) - 1; None for the static variant (t = b).
+        state: [..., n*C]. bias: [P, W] = [pre (n) | post (n) | res] per proposal, res being
+            n*n logits (row-major) for "sinkhorn" and n! for "permutations" (mHC-lite).
+        gates: [P, 3] = (a_pre, a_post, a_res). phi: [n*C, P*W], proposal p in columns
+            p*W ... (p+1)*W - 1; None for the static variant (t = b).
+        The parameters keep their autograd graph (cast to fp64): the outputs can be
+        differentiated with respect to them.
     Returns:
         h0 [..., C], new state [..., n*C], H_res [..., n, n].
     """
-    bias = bias.detach().double()
-    gates = None if gates is None else gates.detach().double()
-    phi = None if phi is None else phi.detach().double()
+    bias = bias.double()
+    gates = None if gates is None else gates.double()
+    phi = None if phi is None else phi.double()
     return _per_token(
         state,
-        lambda x: _mhc_token(x, num_streams, branch, bias, gates, phi, sinkhorn_iters, eps),
+        lambda x: _mhc_token(
+            x, num_streams, branch, bias, gates, phi, sinkhorn_iters, eps, h_res_parameterization
+        ),
     )
+
+
+def permutation_mixture(u: Tensor, n: int) -> Tensor:
+    """mHC-lite's H_res = sum_k softmax(u)_k P_k over the n! permutations perm_k (in
+    itertools' order), P_k[i, perm_k(i)] = 1."""
+    largest = max(float(v) for v in u)
+    e = [torch.exp(u[k] - largest) for k in range(len(u))]
+    total = sum(e)
+    H = torch.zeros(n, n, dtype=torch.float64)
+    for k, perm in enumerate(itertools.permutations(range(n))):
+        for i in range(n):
+            H[i, perm[i]] = H[i, perm[i]] + e[k] / total
+    return H
 
 
 # --------------------------------------------------------------------------------------------

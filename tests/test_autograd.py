@@ -8,7 +8,7 @@ from megatron.hyper_connections.autograd import StateChain
 from megatron.hyper_connections.hyper_connection import HyperConnection, HyperConnectionBase
 from megatron.hyper_connections.manifold_hyper_connection import ManifoldHyperConnection
 from megatron.hyper_connections.saved_memory import saved_tensor_bytes
-from megatron.hyper_connections.streams import depth_connection, expand_streams, width_connection
+from megatron.hyper_connections.streams import branch_input, expand_streams, merge_branch_output
 
 C, SEQ, BATCH = 16, 5, 3
 
@@ -30,8 +30,8 @@ def reference_sublayer(hc: HyperConnectionBase, state: torch.Tensor, branch) -> 
     """The same sublayer with plain autograd through the pure functions."""
     rows = state.unflatten(-1, (hc.num_rows, hc.row_size))
     mixing = hc.mixing(rows)
-    branch_input = width_connection(rows, mixing.h_pre)
-    return depth_connection(rows, branch(branch_input), mixing.h_post, mixing.h_res)
+    h0 = branch_input(rows, mixing.h_pre)
+    return merge_branch_output(rows, branch(h0), mixing.h_post, mixing.h_res)
 
 
 def _network(variant: str, num_sublayers: int, seed: int = 0):

@@ -29,7 +29,9 @@ def result(tmp_path_factory):
     ]
     result = benchmark.main(argv)
     assert json.loads((out / "benchmark.json").read_text()) == json.loads(json.dumps(result))
-    assert "| gpt | mHC n=4 +recompute |" in (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text()
+    assert "| gpt | mHC n=4 +recompute | lean (eager coefficients) |" in table
+    assert "- mHC n=4: memory-lean autograd with PyTorch ops" in table
     return result
 
 
@@ -46,6 +48,15 @@ def test_every_variant_in_every_scope(result):
         else:
             assert row["parameter_overhead"] > 0 and row["flop_overhead"] > 0
             assert row["step_ms"] > 0
+
+
+def test_every_row_names_its_backend_and_why(result):
+    for row in result["results"]:
+        if row["variant"] == "residual":
+            assert (row["backend"], row["backend_reason"]) == ("-", "-")
+        else:  # CPU: no fused rows, no HC dropout
+            assert row["backend"] == "lean (eager coefficients)", row
+            assert row["backend_reason"] == "memory-lean autograd with PyTorch ops", row
 
 
 def test_lean_autograd_saves_at_most_two_n_plus_one_units_per_layer(result):

@@ -57,7 +57,7 @@ def _save_tp2_load_pp2(world_size: int, ckpt_root: str, variant: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron.hyper_connections.cpu_compat import initialize_distributed
+    from megatron.hyper_connections.training.distributed import initialize_distributed
 
     hc, batch = VARIANTS[variant], lm_batch(seed=5)
     ckpt_dir = f"{ckpt_root}/{variant}"
@@ -115,7 +115,7 @@ def test_checkpoint_saved_at_tp2_loads_at_pp2(tmp_path: Path) -> None:
 def _save_tp2_load_pp2_variants(
     rank: int, world_size: int, ckpt_root: str, variants: list[str]
 ) -> None:
-    from megatron.hyper_connections.cpu_compat import destroy_distributed
+    from megatron.hyper_connections.training.distributed import destroy_distributed
 
     for variant in variants:
         _save_tp2_load_pp2(world_size, ckpt_root, variant)
@@ -133,7 +133,7 @@ def checkpoints(megatron_single_rank, tmp_path_factory) -> dict[str, Path]:
     """Checkpoints of a few trained-looking HC models and of megatron-core's residual GPT."""
     root = tmp_path_factory.mktemp("checkpoints")
     paths = {}
-    for name in ("DHCx2", "DHCx4"):
+    for name in ("DHCx2", "DHCx4", "mHCx4"):
         model = build_gpt(make_config(VARIANTS[name]), seed=3)
         perturb_hyper_connections(model)
         paths[name] = root / name
@@ -152,6 +152,7 @@ def test_checkpoint_records_the_hyper_connection_configuration(checkpoints) -> N
         "num_residual_streams": 4,
         "num_fracs": 1,
         "mhc_num_dynamic_alpha_proposals": 1,
+        "mhc_h_res_parameterization": "sinkhorn",
     }
     residual = dist_checkpointing.load_common_state_dict(str(checkpoints["residual"]))
     assert HC_RECORD_KEY not in (residual.get("model") or {}), "megatron-core writes no record"
@@ -174,6 +175,13 @@ MISMATCHES = {
     "streams": ("DHCx2", "DHCx4", "num_residual_streams=2", "num_residual_streams=4"),
     "HC-vs-mHC": ("DHCx4", "mHCx4", "variant='dynamic HC'", "variant='dynamic mHC'"),
     "dynamic-vs-static": ("DHCx4", "SHCx4", "variant='dynamic HC'", "variant='static HC'"),
+    "mHC-vs-mHC-lite": (
+        "mHCx4",
+        "mHCx4-lite",
+        "variant='dynamic mHC'",
+        "variant='dynamic mHC-lite'; checkpoint has mhc_h_res_parameterization='sinkhorn', the "
+        "model has mhc_h_res_parameterization='permutations'",
+    ),
     "HC-into-residual": ("DHCx4", None, "variant='dynamic HC'", "variant='residual'"),
 }
 

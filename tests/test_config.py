@@ -57,17 +57,20 @@ INVALID = [
     (dict(HC, num_fracs=2, num_residual_streams=2), "num_fracs=2 with num_residual_streams=2 is not supported"),
     (dict(HC, hyper_connections_dropout=1.0), "hyper_connections_dropout must be a float in [0, 1), got hyper_connections_dropout=1.0"),
     (dict(HC, hyper_connections_dropout=-0.1), "hyper_connections_dropout must be a float in [0, 1), got hyper_connections_dropout=-0.1"),
+    (dict(MHC, mhc_h_res_parameterization="birkhoff"), "mhc_h_res_parameterization must be 'sinkhorn' or 'permutations', got mhc_h_res_parameterization='birkhoff'"),
+    (dict(MHC, mhc_h_res_parameterization="permutations", mhc_sinkhorn_iters=5), "mhc_sinkhorn_iters=5 has no effect on mHC-lite (it is an option of mHC): leave mhc_sinkhorn_iters at its default 20"),
+    (dict(MHC, mhc_h_res_parameterization="permutations", num_residual_streams=7), "mhc_h_res_parameterization='permutations' takes num_residual_streams <= 6 (n! H_res logits per token), got num_residual_streams=7"),
+    (dict(HC, num_residual_streams=4, mhc_h_res_parameterization="permutations"), "mhc_h_res_parameterization='permutations' has no effect without use_manifold_hyper_connections=True"),
     (dict(MHC, mhc_sinkhorn_iters=0), "mhc_sinkhorn_iters must be an integer >= 1, got mhc_sinkhorn_iters=0"),
     (dict(MHC, mhc_num_dynamic_alpha_proposals=0), "mhc_num_dynamic_alpha_proposals must be an integer >= 1, got mhc_num_dynamic_alpha_proposals=0"),
     (dict(MHC, mhc_h_res_bias_init=math.inf), "mhc_h_res_bias_init must be a finite float, got mhc_h_res_bias_init=inf"),
     (dict(MHC, num_residual_streams=1), "use_manifold_hyper_connections=True needs num_residual_streams >= 2, got num_residual_streams=1"),
-    (dict(MHC, num_residual_streams=1, num_fracs=4), "num_fracs=4 is not supported with use_manifold_hyper_connections=True"),
-    (dict(MHC, hyper_connections_tanh=False), "hyper_connections_tanh=False is not supported with use_manifold_hyper_connections=True: it is an option of HC only"),
+    (dict(MHC, num_residual_streams=1, num_fracs=4), "num_fracs=4 has no effect on mHC (it is an option of HC): leave num_fracs at its default 1"),
+    (dict(MHC, hyper_connections_tanh=False), "hyper_connections_tanh=False has no effect on mHC (it is an option of HC): leave hyper_connections_tanh at its default True"),
     (dict(use_manifold_hyper_connections=True, num_residual_streams=4), "num_residual_streams=4 has no effect without use_hyper_connections=True"),
     (dict(use_manifold_hyper_connections=True), "use_manifold_hyper_connections=True has no effect without use_hyper_connections=True"),
     (dict(num_residual_streams=4), "num_residual_streams=4 has no effect without use_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, mhc_sinkhorn_iters=5), "mhc_sinkhorn_iters=5 has no effect without use_manifold_hyper_connections=True"),
-    (dict(HC, num_residual_streams=4, mtp_num_layers=1), "mtp_num_layers=1 is not supported with use_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, hyper_connections_recompute_block_size=0, recompute_hyper_connections=True), "hyper_connections_recompute_block_size must be None or an integer >= 1, got hyper_connections_recompute_block_size=0"),
     (dict(HC, num_residual_streams=4, hyper_connections_recompute_block_size=2), "hyper_connections_recompute_block_size=2 has no effect without recompute_hyper_connections=True"),
     (dict(HC, num_residual_streams=4, recompute_hyper_connections=True, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), "recompute_hyper_connections=True with recompute_granularity='full' is not supported"),
@@ -96,9 +99,9 @@ def test_output_init_scaling():
 
 
 def test_fused_kernels_need_triton(monkeypatch):
-    from megatron.hyper_connections import triton_kernels
+    from megatron.hyper_connections.kernels import availability
 
-    monkeypatch.setattr(triton_kernels, "HAVE_TRITON", False)
+    monkeypatch.setattr(availability, "HAVE_TRITON", False)
     with pytest.raises(ValueError) as error:
         TransformerConfig(
             **TINY,

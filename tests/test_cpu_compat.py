@@ -53,7 +53,10 @@ def _gpt(pre_process: bool = True, post_process: bool = True, **config: Any) -> 
 def _tp_vs_single(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     batch = lm_batch(seed=7)
 
@@ -102,7 +105,10 @@ def _pp_vs_single(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     num_layers, batches = 4, [lm_batch(seed=11), lm_batch(seed=12)]
 
@@ -167,7 +173,10 @@ MOE = dict(
 def _ep_vs_single(rank: int, world_size: int) -> None:
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     batch = lm_batch(seed=21)  # the same on both ranks: EP=2 then sees every token twice
 
@@ -208,7 +217,10 @@ def _dp_training(rank: int, world_size: int, overlap_grad_reduce: bool) -> list[
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     initialize_distributed(seed=3)
     assert parallel_state.get_data_parallel_world_size() == world_size
@@ -259,7 +271,10 @@ def test_data_parallel_distributed_optimizer_trains(overlap_grad_reduce: bool) -
 def _checkpoint_round_trip(rank: int, world_size: int, ckpt_dir: str) -> None:
     from megatron.core import dist_checkpointing, tensor_parallel
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     batch = lm_batch(seed=5)
 
@@ -295,7 +310,10 @@ def test_dist_checkpointing_round_trip_tensor_parallel(tmp_path: Path) -> None:
 def _rng_streams(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     from megatron.core import tensor_parallel
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     initialize_distributed(tensor_model_parallel_size=world_size, seed=5)
     tracker = tensor_parallel.get_cuda_rng_tracker()
@@ -367,3 +385,39 @@ def _enable_semantics(rank: int, world_size: int) -> None:
 
 def test_enable_cpu_megatron_is_idempotent_and_noop_with_cuda() -> None:
     run_distributed(_enable_semantics, 1)
+
+
+def _set_up_twice(rank: int, world_size: int) -> list[str]:
+    """The trainer's set-up twice in one process, with what cpu_compat logged meanwhile."""
+    import logging
+
+    from torch.overrides import _get_current_function_mode_stack
+
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(f"{record.levelname}: {record.getMessage()}")
+
+    logging.getLogger("megatron.hyper_connections.cpu_compat").addHandler(Collect())
+    # Importing the package changes nothing: only the set-up enables the layer.
+    assert torch.cuda.current_device.__module__ == "torch.cuda", "enabled before the set-up"
+    assert not _get_current_function_mode_stack()
+    for seed in (1, 2):
+        initialize_distributed(seed=seed)
+        assert torch.cuda.current_device() == torch.device("cpu")
+        assert len(_get_current_function_mode_stack()) == 1
+        destroy_distributed()
+    return messages
+
+
+def test_set_up_enables_the_cpu_layer_and_logs_it_once() -> None:
+    (messages,) = run_distributed(_set_up_twice, 1)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("WARNING: no CUDA device: megatron-core runs on the CPU")
+    assert "megatron.hyper_connections.cpu_compat" in messages[0]

@@ -1,4 +1,5 @@
-"""hyper_connections_fused_kernels in a megatron-core GPT: the Triton path against PyTorch.
+"""hyper_connections_fused_kernels in a megatron-core GPT: the fused backend against the lean
+one (the same autograd functions with PyTorch ops).
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before they are defined); the kernels' own tests are in test_triton_kernels.py.
@@ -7,7 +8,10 @@ before they are defined); the kernels' own tests are in test_triton_kernels.py.
 import pytest
 import torch
 
-from megatron.hyper_connections import triton_kernels
+from megatron.hyper_connections.backends import FUSED
+from megatron.hyper_connections.hyper_connection import HyperConnectionBase
+from megatron.hyper_connections.kernels import availability
+from megatron.hyper_connections.saved_memory import saved_tensor_bytes
 from tests.models import (
     VARIANTS,
     build_gpt,
@@ -19,55 +23,75 @@ from tests.models import (
 
 pytestmark = [
     pytest.mark.usefixtures("megatron_single_rank"),
-    pytest.mark.skipif(not triton_kernels.HAVE_TRITON, reason="Triton is not installed"),
+    pytest.mark.skipif(not availability.HAVE_TRITON, reason="Triton is not installed"),
+    pytest.mark.skipif(
+        availability.HAVE_TRITON and not availability.supported(torch.zeros(1)),
+        reason="no CUDA and Triton's interpreter is off (TRITON_INTERPRET unset)",
+    ),
 ]
 
 
 def _loss_and_grads(config):
     model = build_gpt(config)
     perturb_hyper_connections(model)
-    loss = lm_loss(model, lm_batch(seed=5))
+    batch = lm_batch(seed=5)
+    loss, saved = saved_tensor_bytes(lambda: lm_loss(model, batch), exclude=model.parameters())
     loss.backward()
-    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}, saved
 
 
 @pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx2-3proposals", "SHCx2"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["lean", "hc-recompute"])
 def test_fused_kernels_match_the_pytorch_path(variant, recompute):
-    if not triton_kernels.supported(torch.zeros(1)):
-        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET unset)")
+    """Same loss, gradients and saved memory (the fused backend keeps what the lean one keeps,
+    the state chain included)."""
     options = dict(VARIANTS[variant], recompute_hyper_connections=recompute)
-    loss_ref, grads_ref = _loss_and_grads(make_config(options))
-    loss, grads = _loss_and_grads(make_config(options, hyper_connections_fused_kernels=True))
+    loss_ref, grads_ref, saved_ref = _loss_and_grads(make_config(options))
+    loss, grads, saved = _loss_and_grads(make_config(options, hyper_connections_fused_kernels=True))
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads_ref.items():
         assert grads[name] is not None, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert saved == saved_ref
 
 
 def test_fused_kernels_use_the_kernels():
-    """Guard against a silent fallback: every kernel runs in a fused forward/backward."""
-    if not triton_kernels.supported(torch.zeros(1)):
-        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET unset)")
+    """Guard against a silent fallback: every kernel runs in a fused forward/backward, and every
+    module is on the fused backend."""
+    from megatron.hyper_connections.kernels.ops import TritonOps
+
+    names = [
+        "project",
+        "project_backward",
+        "branch_input",
+        "branch_input_backward",
+        "merge",
+        "merge_backward",
+        "mhc_coefficients",
+    ]
     calls = []
-    names = ["rms_projection", "mhc_coefficients", "width_connection", "depth_connection"]
-    originals = {name: getattr(triton_kernels, name) for name in names}
     patch = pytest.MonkeyPatch()
-    for name, fn in originals.items():
-        patch.setattr(
-            triton_kernels, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k)
-        )
+    for name in names:
+        kernel = getattr(TritonOps, name)
+
+        def record(*args, _name=name, _kernel=kernel):
+            calls.append(_name)
+            return _kernel(*args)
+
+        patch.setattr(TritonOps, name, staticmethod(record))
     try:
-        _loss_and_grads(make_config(VARIANTS["mHCx4"], hyper_connections_fused_kernels=True))
+        config = make_config(VARIANTS["mHCx4"], hyper_connections_fused_kernels=True)
+        model = build_gpt(config)
+        lm_loss(model, lm_batch(seed=5)).backward()
     finally:
         patch.undo()
     assert sorted(set(calls)) == sorted(names)
+    backends = {m.backend.name for m in model.modules() if isinstance(m, HyperConnectionBase)}
+    assert backends == {FUSED}
 
 
-def test_fused_depth_applies_hidden_dropout():
+def test_fused_merge_applies_hidden_dropout():
     """The merged bias-dropout-add drops branch outputs in training, reproducibly per seed."""
-    if not triton_kernels.supported(torch.zeros(1)):
-        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET unset)")
     config = make_config(
         VARIANTS["DHCx4"], hyper_connections_fused_kernels=True, hidden_dropout=0.5
     )

@@ -7,7 +7,15 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.hyper_connections import GPTModel, get_hyper_connection_spec
 from megatron.hyper_connections.hyper_connection import HyperConnectionBase
 from megatron.hyper_connections.transformer_layer import HyperConnectionTransformerLayer
-from tests.models import VARIANTS, build_baseline, build_gpt, logits, make_config
+from tests.models import (
+    BATCH,
+    SEQ,
+    VARIANTS,
+    build_baseline,
+    build_gpt,
+    logits,
+    make_config,
+)
 
 pytestmark = pytest.mark.usefixtures("megatron_single_rank")
 
@@ -60,7 +68,9 @@ def test_disabled_is_megatron_core_exactly():
         assert torch.equal(p.grad, q.grad), name
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "SHCx2", "mHCx4", "mHCx2-3proposals", "Frac4"])
+@pytest.mark.parametrize(
+    "variant", ["DHCx4", "SHCx2", "mHCx4", "mHCx2-3proposals", "mHCx4-lite", "Frac4"]
+)
 def test_every_parameter_gets_a_gradient(variant):
     model = build_gpt(make_config(VARIANTS[variant]))
     # Move off the init so that gradients proportional to the dynamic weights are non-zero.
@@ -138,6 +148,25 @@ def test_streams_are_expanded_and_reduced_once():
     assert widths == dict(
         attention=hidden, layer=4 * hidden, final_norm=hidden, output_layer=hidden
     )
+
+
+@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4"])
+def test_block_called_positionally_or_by_keyword(variant):
+    """``block(hidden_states, attention_mask)`` (as megatron-core's CLIP ViT calls its decoder)
+    and the keyword call give the same output: the residual block's, at init."""
+    baseline = build_baseline()
+    model = build_gpt(make_config(VARIANTS[variant]), seed=99)
+    model.load_state_dict(baseline.state_dict(), strict=False)
+    hidden = torch.randn(
+        SEQ, BATCH, model.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+
+    expected = baseline.decoder(hidden, None)
+    positional = model.decoder(hidden, None)
+    keyword = model.decoder(hidden_states=hidden, attention_mask=None)
+    assert positional.shape == expected.shape
+    assert torch.equal(positional, keyword)
+    torch.testing.assert_close(positional, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_spec_conversion_keeps_everything_but_the_layer_class():

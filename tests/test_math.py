@@ -25,10 +25,10 @@ from megatron.hyper_connections.manifold_hyper_connection import (
 from megatron.hyper_connections.metrics import backward_gain, forward_gain, log_amax
 from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
 from megatron.hyper_connections.streams import (
-    depth_connection,
+    branch_input,
     expand_streams,
+    merge_branch_output,
     reduce_streams,
-    width_connection,
 )
 
 HIDDEN = 8
@@ -150,26 +150,27 @@ def hc_reference(
 def mhc_reference(
     module: ManifoldHyperConnection, state: Tensor, branch: Branch
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The reference mHC sublayer with ``module``'s parameters: h0, X', H_res."""
-    with torch.no_grad():
-        return ref.mhc_sublayer(
-            state,
-            module.num_residual_streams,
-            branch,
-            module.bias,
-            module.gates,
-            module.dynamic_proj,
-            sinkhorn_iters=module.sinkhorn_iters,
-            eps=module.eps,
-        )
+    """The reference mHC sublayer with ``module``'s parameters: h0, X', H_res (with their
+    graph on the parameters)."""
+    return ref.mhc_sublayer(
+        state,
+        module.num_residual_streams,
+        branch,
+        module.bias,
+        module.gates,
+        module.dynamic_proj,
+        sinkhorn_iters=module.sinkhorn_iters,
+        eps=module.eps,
+        h_res_parameterization=module.h_res_parameterization,
+    )
 
 
 def run_module(
     module: HyperConnection | ManifoldHyperConnection, state: Tensor, branch: Branch
 ) -> tuple[Tensor, Tensor]:
     """(branch input, new state) through the module's width and depth connections."""
-    branch_input, residual = module.width_connection(state)
-    return branch_input, module.depth_connection(branch(branch_input), residual)
+    h0, inputs = module.width_connection(state)
+    return h0, module.depth_connection(branch(h0), inputs)
 
 
 def assert_close(actual: Tensor, expected: Tensor, what: str, tol: dict[str, float]) -> None:
@@ -242,8 +243,8 @@ def test_hc_functional_fp64_matches_reference(
     with torch.no_grad():
         mixing = hc_mixing(rows, *params, use_tanh=use_tanh, eps=module.eps)
         assert mixing.h_res.dtype == torch.float64, "hc_mixing must not cast float64 inputs"
-        h0 = width_connection(rows, mixing.h_pre)
-        new_state = depth_connection(rows, branch(h0), mixing.h_post, mixing.h_res)
+        h0 = branch_input(rows, mixing.h_pre)
+        new_state = merge_branch_output(rows, branch(h0), mixing.h_post, mixing.h_res)
 
     ref_h0, ref_state, ref_h_res = hc_reference(module, state, branch)
     assert_close(h0, ref_h0, "branch input", FP64_TOL)
@@ -288,8 +289,8 @@ def test_mhc_functional_fp64_matches_reference(
             eps=module.eps,
         )
         assert mixing.h_res.dtype == torch.float64, "mhc_mixing must not cast float64 inputs"
-        h0 = width_connection(rows, mixing.h_pre)
-        new_state = depth_connection(rows, branch(h0), mixing.h_post, mixing.h_res)
+        h0 = branch_input(rows, mixing.h_pre)
+        new_state = merge_branch_output(rows, branch(h0), mixing.h_post, mixing.h_res)
 
     ref_h0, ref_state, ref_h_res = mhc_reference(module, state, branch)
     assert_close(h0, ref_h0, "branch input", FP64_TOL)
@@ -358,13 +359,13 @@ def test_gradcheck_sinkhorn(log_domain: bool) -> None:
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_gradcheck_width_and_depth_connection(k: int) -> None:
+def test_gradcheck_branch_input_and_merge_branch_output(k: int) -> None:
     N, D = 3, 4
     state, h_pre = _leaf(2, N, D, seed=1), _leaf(2, k, N, seed=2)
     branch_output, h_post, h_res = _leaf(2, k * D, seed=3), _leaf(2, N, seed=4), _leaf(2, N, N)
-    assert torch.autograd.gradcheck(width_connection, (state, h_pre)), "width_connection"
-    assert torch.autograd.gradcheck(depth_connection, (state, branch_output, h_post, h_res)), (
-        "depth_connection"
+    assert torch.autograd.gradcheck(branch_input, (state, h_pre)), "branch_input"
+    assert torch.autograd.gradcheck(merge_branch_output, (state, branch_output, h_post, h_res)), (
+        "merge_branch_output"
     )
 
 
@@ -693,3 +694,95 @@ def test_composite_is_the_product_to_the_end_of_the_network() -> None:
     products = composite(hs)
     torch.testing.assert_close(products[2], hs[2])
     torch.testing.assert_close(products[0], hs[2] @ hs[1] @ hs[0])
+
+
+# ------------------------------------------------------------------------------------------
+# mHC-lite (H_res a mixture of permutation matrices) and mHC's gradients, against the reference
+# ------------------------------------------------------------------------------------------
+
+# (num_residual_streams, num_proposals, dynamic)
+LITE_VARIANTS = [
+    pytest.param(n, p, dyn, id=f"n{n}-P{p}-{'dyn' if dyn else 'static'}")
+    for n in (2, 3, 4)
+    for p in (1, 3)
+    for dyn in (True, False)
+]
+
+
+def make_mhc_lite(n: int, proposals: int, dynamic: bool) -> ManifoldHyperConnection:
+    return ManifoldHyperConnection(
+        HIDDEN,
+        num_residual_streams=n,
+        num_proposals=proposals,
+        dynamic=dynamic,
+        h_res_parameterization="permutations",
+    )
+
+
+@pytest.mark.parametrize("layout", ["bsh", "sbh"])
+@pytest.mark.parametrize(("n", "proposals", "dynamic"), LITE_VARIANTS)
+def test_mhc_lite_module_matches_reference(
+    n: int, proposals: int, dynamic: bool, layout: str
+) -> None:
+    module = randomise(make_mhc_lite(n, proposals, dynamic))
+    state = random_state(n * HIDDEN, layout)
+    branch = make_branch(HIDDEN)
+
+    branch_input, new_state = run_module(module, state, branch)
+    ref_h0, ref_state, ref_h_res = mhc_reference(module, state.double(), branch)
+
+    assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
+    assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
+    h_res = module.last_h_res().double().expand_as(ref_h_res)
+    assert_close(h_res, ref_h_res, "H_res", FP32_TOL)
+    for dim in (-1, -2):  # exactly doubly stochastic, far from init
+        assert (h_res.sum(dim=dim) - 1).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: make_mhc(4, 3, False, True), id="mHC-n4-P3"),
+        pytest.param(lambda: make_mhc(3, 1, True, True), id="mHC-n3-log"),
+        pytest.param(lambda: make_mhc_lite(4, 3, True), id="mHC-lite-n4-P3"),
+        pytest.param(lambda: make_mhc_lite(3, 1, False), id="mHC-lite-n3-static"),
+    ],
+)
+def test_mhc_outputs_and_parameter_gradients_match_fp64_reference(make: Callable) -> None:
+    """The module (fp64) against the paper's equations written out in fp64: outputs and the
+    gradients of every parameter, to 1e-6 relative."""
+    module = randomise(make()).double()
+    state = random_state(module.num_residual_streams * HIDDEN, "bsh", torch.float64)
+    branch = make_branch(HIDDEN)
+    weights = torch.randn(state.shape, generator=torch.Generator().manual_seed(5)).double()
+
+    branch_input, new_state = run_module(module, state, branch)
+    (new_state * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad()
+    ref_h0, ref_state, _ = mhc_reference(module, state, branch)
+    (ref_state * weights).sum().backward()
+
+    tol = {"rtol": 1e-6, "atol": 1e-9}
+    assert_close(branch_input, ref_h0, "branch input", tol)
+    assert_close(new_state, ref_state.detach(), "new state", tol)
+    for name, param in module.named_parameters():
+        assert_close(grads[name], param.grad, f"d loss / d {name}", tol)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_mhc_lite_is_the_residual_at_init(n: int) -> None:
+    module = make_mhc_lite(n, 1, True)
+    x = random_state(HIDDEN, "bsh")
+    branch = make_branch(HIDDEN)
+    branch_input, new_state = run_module(module, expand_streams(x, n), branch)
+    torch.testing.assert_close(branch_input, x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reduce_streams(new_state, n), x + branch(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mhc_lite_log_amax_of_the_mean_h_res_is_zero_far_from_init() -> None:
+    module = randomise(make_mhc_lite(4, 1, True), seed=3)
+    with torch.no_grad():
+        module.dynamic_proj.mul_(20.0)  # far from init: large, token-dependent logits
+    run_module(module, random_state(4 * HIDDEN, "bsh"), make_branch(HIDDEN))
+    assert abs(module.get_log_amax()) < 1e-6

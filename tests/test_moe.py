@@ -98,7 +98,10 @@ def test_moe_with_hyper_connections_trains(variant: str) -> None:
 def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     batch = lm_batch(seed=21)  # the same on both ranks: EP=2 then sees every token twice
     for variant in variants:
@@ -134,12 +137,3 @@ def _ep_vs_single(rank: int, world_size: int, variants: list[str]) -> None:
 
 def test_expert_parallel_with_hyper_connections_matches_single_rank() -> None:
     run_distributed(_ep_vs_single, 2, MOE_VARIANTS, timeout=180)
-
-
-# --------------------------------------------------------------------------------------------
-# refused combinations
-
-
-def test_multi_token_prediction_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"mtp_num_layers=1 is not supported"):
-        make_config(VARIANTS["DHCx4"], mtp_num_layers=1)

@@ -12,17 +12,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig as MC
 from megatron.hyper_connections import HyperConnection, ManifoldHyperConnection, TransformerConfig
 from megatron.hyper_connections.checkpointing import hyper_connection_record
 from megatron.hyper_connections.options import (
-    HC,
-    MHC,
     add_hyper_connection_arguments,
     flag_of,
     hyper_connection_kwargs,
     hyper_connection_options,
+    kind_of,
     module_kwargs,
     must_match_fields,
     options_table,
 )
-from megatron.hyper_connections.training.arguments import build_parser
+from megatron.hyper_connections.training.parser import build_parser
 from tests.models import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -101,15 +100,24 @@ def test_flags_a_parser_already_defines_are_skipped() -> None:
             ),
             ManifoldHyperConnection,
         ),
+        (
+            dict(
+                use_hyper_connections=True,
+                use_manifold_hyper_connections=True,
+                num_residual_streams=3,
+                mhc_h_res_parameterization="permutations",
+            ),
+            ManifoldHyperConnection,
+        ),
     ],
 )
-def test_module_arguments_are_the_declared_ones_of_the_variant(options, module) -> None:
+def test_module_arguments_are_the_declared_ones_of_the_kind(options, module) -> None:
     config = TransformerConfig(**{**TINY, **options})
     kwargs = module_kwargs(config)
     accepted = inspect.signature(module).parameters
     assert set(kwargs) <= set(accepted), set(kwargs) - set(accepted)
-    kind = MHC if module is ManifoldHyperConnection else HC
-    expected = {o.module_arg for _, o in OPTIONS if o.module_arg and kind in o.variants}
+    kind = kind_of(config)
+    expected = {o.module_arg for _, o in OPTIONS if o.module_arg and kind in o.kinds}
     assert set(kwargs) == expected
     for field, option in OPTIONS:
         if option.module_arg in kwargs:
@@ -124,4 +132,5 @@ def test_checkpoint_record_holds_the_variant_and_every_must_match_option() -> No
         "num_residual_streams",
         "num_fracs",
         "mhc_num_dynamic_alpha_proposals",
+        "mhc_h_res_parameterization",
     )

@@ -247,15 +247,22 @@ LAYOUTS = {
 }
 
 
+# Multi-token prediction: the MTP block sits on the last stage, after the streams are reduced.
+PIPELINE_VARIANTS = {**VARIANTS, "mHCx4-mtp": dict(VARIANTS["mHCx4"], mtp_num_layers=1)}
+
+
 def _pipeline_vs_single_stage(
     rank: int, world_size: int, variant: str, tp: int, layouts: list[str]
 ) -> None:
     """The PP=1 reference, then each of ``layouts`` at PP = world_size / tp, in turn."""
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
-    hc = VARIANTS[variant]
+    hc = PIPELINE_VARIANTS[variant]
     initialize_distributed(seed=1)  # TP = PP = 1: DP = world_size, the same data everywhere
     initial, final, ref_losses = _reference(hc)
     parallel_state.destroy_model_parallel()
@@ -303,6 +310,14 @@ def test_pipeline_parallel_matches_single_stage(variant: str) -> None:
     run_distributed(_pipeline_vs_single_stage, 2, variant, 1, list(LAYOUTS), timeout=TIMEOUT)
 
 
+def test_pipeline_parallel_with_mhc_lite_matches_single_stage() -> None:
+    run_distributed(_pipeline_vs_single_stage, 2, "mHCx4-lite", 1, ["1F1B"], timeout=TIMEOUT)
+
+
+def test_pipeline_parallel_with_mtp_on_the_last_stage_matches_single_stage() -> None:
+    run_distributed(_pipeline_vs_single_stage, 2, "mHCx4-mtp", 1, ["1F1B"], timeout=TIMEOUT)
+
+
 def test_tensor_and_pipeline_parallel_with_sequence_parallel_match_single_rank() -> None:
     run_distributed(_pipeline_vs_single_stage, 4, "mHCx4", 2, ["1F1B"], timeout=TIMEOUT)
 
@@ -315,7 +330,10 @@ def _data_parallel_vs_single(rank: int, world_size: int, variant: str) -> None:
     from megatron.core import parallel_state
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     hc = VARIANTS[variant]
     initialize_distributed(seed=1)

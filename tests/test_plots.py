@@ -89,13 +89,18 @@ def test_plot_stability_skips_gains_of_residual_runs(tmp_path, capsys):
     assert "no composite gains" in capsys.readouterr().out
 
 
-def test_report_has_a_table_with_the_three_runs(tmp_path):
+def test_report_has_a_table_with_the_four_runs(tmp_path):
     results = []
     for name, (label, _) in demo.VARIANTS.items():
         records = plot_stability.load_scalars(
             _write_log(tmp_path / name, hc=name != "residual", growth=1.2)
         )
-        parameters = {"residual": 1_000_000, "dhc": 1_010_000, "mhc": 1_012_000}[name]
+        parameters = {
+            "residual": 1_000_000,
+            "dhc": 1_010_000,
+            "mhc": 1_012_000,
+            "mhc-lite": 1_015_000,
+        }[name]
         results.append(demo.summarize(name, label, records, parameters))
     figure = tmp_path / "plots" / "loss.png"
     figure.parent.mkdir()
@@ -103,16 +108,67 @@ def test_report_has_a_table_with_the_three_runs(tmp_path):
     report = demo.write_report(tmp_path, results, [figure], settings="synthetic")
     text = report.read_text(encoding="utf-8")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 4  # header and three runs
+    assert len(rows) == 5  # header and four runs
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
         "residual baseline",
         "DHC x4",
         "mHC x4",
+        "mHC-lite x4",
     ]
-    residual, dhc, mhc = rows[1:]
+    residual, dhc, mhc, lite = rows[1:]
     assert "1,000,000" in residual and "+0.00%" in residual and "no HC" in residual
-    assert "+1.00%" in dhc and "+1.20%" in mhc
+    assert "+1.00%" in dhc and "+1.20%" in mhc and "+1.50%" in lite
     assert "2.5000" in residual  # final validation loss 4.5 - 60 / 30
     assert f"{1.2**6 * 1.7:.4f}" in dhc  # largest composite gain, last sublayer, last log
     assert "1,040" in mhc  # median tokens/s over the logs after the first
     assert "![loss](plots/loss.png)" in text
+
+
+def test_the_tools_read_the_tags_the_monitor_writes(tmp_path, capsys):
+    """The stability scalars and H_res matrices of 2 layers with n = 4, as the pretraining monitor
+    writes them to scalars.jsonl, are what the plots and the report find."""
+    import argparse
+
+    import torch
+
+    from megatron.hyper_connections.training import monitoring
+
+    generator = torch.Generator().manual_seed(3)
+    writer = monitoring.ScalarWriter(
+        argparse.Namespace(tensorboard_dir=None, save=str(tmp_path), wandb_project=None), 0
+    )
+    summary = monitoring.StabilitySummary()
+    for iteration in (10, 20):
+        summaries = {
+            index: monitoring.h_res_summary(0.5 * torch.randn(16, 2, 4, 4, generator=generator))
+            for index in range(4)
+        }
+        scalars = monitoring.stability_scalars(summaries, with_log_amax=True)
+        writer.write(iteration, scalars, monitoring.h_res_matrices(summaries))
+        summary.update(iteration, scalars)
+    writer.close()
+    # The documented tag format (README, monitoring's docstring).
+    assert "hyper-connections/forward_gain/composite_per_token/layer_01_mlp" in scalars
+    assert "hyper-connections/backward_gain/h_res_mean_matrix/max" in scalars
+
+    records = plot_stability.load_scalars(tmp_path)
+    for statistic in ("per_token", "mean_matrix"):
+        quantity = monitoring.gain_quantity("forward", "composite", statistic)
+        assert plot_stability.sublayers(records, quantity) == [0, 1, 2, 3]
+    paths = plot_stability.plot_runs({"hc": records}, tmp_path / "plots", heatmap_layers=[0, 1])
+    assert [p.name for p in paths] == ["composite_gain.png", "h_res_hc.png"]  # no loss logged
+    assert "no H_res" not in capsys.readouterr().out
+
+    result = demo.summarize("hc", "HC x4", records, None)
+    composite_max = "hyper-connections/{}_gain/composite_{}/max"
+    assert result.max_forward_gain == max(
+        r[composite_max.format("forward", "per_token")] for r in records
+    )
+    assert result.max_backward_gain_mean_matrix == max(
+        r[composite_max.format("backward", "mean_matrix")] for r in records
+    )
+    # The console summary names the sublayer and iteration of the largest composite gain.
+    sublayers = ["layer_00_attn", "layer_00_mlp", "layer_01_attn", "layer_01_mlp"]
+    tag = "hyper-connections/forward_gain/composite_per_token/{}"
+    largest = max((r[tag.format(s)], r["iteration"], s) for r in records for s in sublayers)
+    assert summary.largest[("composite forward gain", "per_token")] == largest

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
+from tests.processes import ProcessTree
 
 ITERATIONS = 8
 STALL_AT = 6  # the killed run stalls when it starts this iteration (5 logged, 4 checkpointed)
@@ -188,27 +188,29 @@ def test_run_killed_after_a_checkpoint_resumes_with_the_same_losses(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", str(driver), *_flags(dataset, tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    with (tmp_path / "killed.log").open("w") as log:
-        # Its own session: SIGKILL goes to torchrun and both ranks at once, as in a crash.
-        run = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-        try:
-            deadline = time.monotonic() + 240
-            tracker = save / "latest_checkpointed_iteration.txt"
-            while not (
-                tracker.is_file()
-                and tracker.read_text().strip() == "4"
-                and STALL_AT - 1 in _safe_records(tmp_path)
-            ):
-                assert run.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the run did not reach its checkpoint"
-                time.sleep(0.2)
-            assert run.poll() is None, "the run ended before it was killed"
-        finally:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
+    log = tmp_path / "killed.log"
+    # Leaving the block kills whatever is left of the run, however the test ends.
+    with (
+        log.open("w") as output,
+        ProcessTree(command, cwd=REPO, env=env, stdout=output, stderr=output) as run,
+    ):
+        deadline = time.monotonic() + 240
+        tracker = save / "latest_checkpointed_iteration.txt"
+        while not (
+            tracker.is_file()
+            and tracker.read_text().strip() == "4"
+            and STALL_AT - 1 in _safe_records(tmp_path)
+        ):
+            assert run.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run did not reach its checkpoint"
+            time.sleep(0.2)
+        assert run.poll() is None, "the run ended before it was killed"
+        # As in a crash: torchrun and both ranks get SIGKILL at once (and are gone after it).
+        killed = run.kill()
     assert run.returncode == -signal.SIGKILL
+    torchrun = [command for command in killed.values() if "torch.distributed.run" in command]
+    ranks = [c for c in killed.values() if str(driver) in c and c not in torchrun]
+    assert (len(torchrun), len(ranks)) == (1, 2), f"not torchrun and its 2 ranks: {killed}"
     assert _records(tmp_path).keys() == set(range(1, STALL_AT))
 
     resumed = [*_flags(dataset, tmp_path), "--load", str(save)]
@@ -260,9 +262,8 @@ BAD_INPUTS = {
     ),
     "model config": (
         ["--num-fracs", "2"],
-        "invalid model configuration: num_fracs=2 is not supported with "
-        "use_manifold_hyper_connections=True: it is an option of HC only; leave num_fracs at its "
-        "default 1 (flags: --num-fracs, --use-manifold-hyper-connections)",
+        "invalid model configuration: num_fracs=2 has no effect on mHC (it is an option of HC): "
+        "leave num_fracs at its default 1 (flags: --num-fracs)",
     ),
     "bad value": (
         ["--hidden-dropout", "1.5"],
@@ -305,7 +306,7 @@ def test_bad_input_stops_before_start_and_leaves_checkpoints_alone(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from megatron.hyper_connections.training import pretrain
+    from megatron.hyper_connections.training import distributed, pretrain
 
     if case == "tokenizer smaller than the data":
         _word_level_tokenizer(tmp_path / "small.json")
@@ -321,7 +322,7 @@ def test_bad_input_stops_before_start_and_leaves_checkpoints_alone(
     def no_set_up(*args: object, **kwargs: object) -> None:
         raise AssertionError("process groups were being set up")
 
-    monkeypatch.setattr(pretrain, "initialize_distributed", no_set_up)
+    monkeypatch.setattr(distributed, "initialize_distributed", no_set_up)
     with pytest.raises(SystemExit) as exit_info:
         pretrain.main([*_flags(dataset, reference_run), "--load", str(save), *extra])
 

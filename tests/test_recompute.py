@@ -2,10 +2,11 @@
 
 Every recompute mode megatron-core 0.16.1 offers without Transformer Engine re-runs HC code in
 the backward pass: full recompute re-runs whole layers (width connection, the stash on
-``_DepthConnectionBDA``, depth connection, HC dropout) inside ``tensor_parallel.checkpoint``;
+``_HyperConnectionBDA``, depth connection, HC dropout) inside ``tensor_parallel.checkpoint``;
 selective recompute re-runs the core attention, the pre-norms (whose input is the HC branch
-input h0) or the MLP. HC runs three ways (``SETTINGS``): plain autograd (with HC dropout), the
-memory-lean autograd functions (no HC dropout), and those with the mHC paper's state chain.
+input h0) or the MLP. HC runs three ways (``SETTINGS``): the pytorch backend (plain autograd,
+with HC dropout), the lean backend (the memory-lean autograd functions, no HC dropout), and that
+with the mHC paper's state chain.
 With hidden and attention dropout on (and HC dropout where the setting has it), the loss and
 every parameter's gradient must equal the run without recompute exactly, which holds only if
 megatron's checkpoint replays the RNG (on CPU, cpu_compat's "device" generator) and the stash
@@ -53,9 +54,9 @@ pytestmark = pytest.mark.usefixtures("megatron_single_rank")
 NUM_LAYERS = 4
 DROPOUT = dict(hidden_dropout=0.1, attention_dropout=0.1)
 
-# How the HC operations run: with hyper_connections_dropout > 0 in training the width and
-# depth connections use plain autograd; without it the memory-lean autograd functions; with
-# recompute_hyper_connections also the mHC paper's state chain (rebuilt in backward).
+# How the HC operations run (backends.select_backend): with hyper_connections_dropout > 0 the
+# pytorch backend (plain autograd); without it the lean one (memory-lean autograd functions);
+# with recompute_hyper_connections also the mHC paper's state chain (rebuilt in backward).
 SETTINGS: dict[str, dict[str, Any]] = {
     "hc-dropout": dict(hyper_connections_dropout=0.1),
     "lean": {},
@@ -223,10 +224,10 @@ def _run(variant: str | None, setting: str | None, mode: str, rng_seed: int = 77
 
 def _stashes(model: torch.nn.Module) -> list:
     return [
-        bda.residual
+        bda.depth_inputs
         for layer in model.decoder.layers
         for bda in (layer.self_attn_bda, layer.mlp_bda)
-        if hasattr(bda, "residual")
+        if hasattr(bda, "depth_inputs")
     ]
 
 

@@ -25,7 +25,10 @@ def _tp2_sp_vs_tp1(rank: int, world_size: int, variant: str) -> None:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from megatron.hyper_connections.cpu_compat import destroy_distributed, initialize_distributed
+    from megatron.hyper_connections.training.distributed import (
+        destroy_distributed,
+        initialize_distributed,
+    )
 
     hc = VARIANTS[variant]
     batch = lm_batch(seed=7)
@@ -87,6 +90,6 @@ def _tp2_sp_vs_tp1(rank: int, world_size: int, variant: str) -> None:
     destroy_distributed()
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "Frac4"])
+@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx4-lite", "Frac4"])
 def test_tensor_parallel_with_sequence_parallel_matches_single_rank(variant):
     run_distributed(_tp2_sp_vs_tp1, 2, variant)

@@ -1,7 +1,8 @@
-"""The fused Triton kernels against the PyTorch reference: values and every input's gradient.
+"""The fused Triton kernels (``kernels``) against the PyTorch reference: values and every
+input's gradient, the backward functions against autograd of the reference.
 
 Runs on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1 set before the kernels
-are defined, i.e. before ``triton_kernels`` is first imported).
+are defined, i.e. before a kernel module is first imported).
 """
 
 import os
@@ -13,12 +14,27 @@ import torch
 pytest.importorskip("triton", reason="the Triton kernels need triton installed")
 
 from megatron.hyper_connections import streams
-from megatron.hyper_connections import triton_kernels as tk
+from megatron.hyper_connections.kernels import availability
+from megatron.hyper_connections.kernels.branch_input import (
+    fused_branch_input,
+    fused_branch_input_backward,
+)
+from megatron.hyper_connections.kernels.merge_branch_output import (
+    fused_merge_branch_output,
+    fused_merge_branch_output_backward,
+)
+from megatron.hyper_connections.kernels.mhc_coefficients import fused_mhc_coefficients
+from megatron.hyper_connections.kernels.rms_projection import (
+    fused_rms_projection,
+    fused_rms_projection_backward,
+)
+from megatron.hyper_connections.projection import Projection
 from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
+from megatron.hyper_connections.streams import BranchOutput
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-if not tk.supported(torch.empty(0, device=DEVICE)):
+if not availability.supported(torch.empty(0, device=DEVICE)):
     pytest.skip(
         "the Triton kernels need CUDA, or TRITON_INTERPRET=1 set before they are imported",
         allow_module_level=True,
@@ -91,7 +107,7 @@ def _check_coefficients(
     inputs: Sequence[torch.Tensor | None], n: int, iters: int
 ) -> tuple[torch.Tensor, ...]:
     """The kernel against ``reference_coefficients``: values and the given inputs' gradients."""
-    ours = tk.mhc_coefficients(*inputs, n, iters)
+    ours = fused_mhc_coefficients(*inputs, n, iters)
     ref = reference_coefficients(*inputs, n, iters)
     _assert_matches(ours, ref, [t for t in inputs if t is not None])
     return ours
@@ -133,8 +149,8 @@ def test_mhc_coefficients_many_tokens_and_iterations() -> None:
 
 
 def test_mhc_coefficients_ties_at_init() -> None:
-    """At init every row of t_res has tied maxima when b_res = 0 (and phi = 0): the row
-    max's gradient is then shared among the ties, as torch's amax does."""
+    """At init every column of t_res has tied maxima when b_res = 0 (and phi = 0): the shift
+    by the column max passes no gradient, ties or not, as in ``sinkhorn_knopp``."""
     n = 4
     proj, inv_rms, gates, _ = _mhc_inputs(n, 1, (4,))
     with torch.no_grad():
@@ -158,13 +174,24 @@ def test_mhc_coefficients_match_mhc_mixing() -> None:
     ref = mhc_mixing(state, bias, gates, phi, sinkhorn_iters=7, eps=eps)
     x = state.flatten(-2)
     inv_rms = torch.rsqrt(x.pow(2).mean(dim=-1) + eps)
-    ours = tk.mhc_coefficients((x @ phi).unflatten(-1, (P, width)), inv_rms, gates, bias, n, 7)
+    proj = (x @ phi).unflatten(-1, (P, width))
+    ours = fused_mhc_coefficients(proj, inv_rms, gates, bias, n, 7)
     _assert_matches(ours, ref, inputs)
 
 
 # ---------------------------------------------------------------------------------------
 # RMS projection
 # ---------------------------------------------------------------------------------------
+
+
+def _reference_grads(outputs, inputs, cotangents):
+    """Gradients of sum(<output, cotangent>) for ``inputs``, None for an unused one."""
+    return torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True)
+
+
+def _cotangent(like: torch.Tensor, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(like.shape, generator=gen, device=DEVICE).to(like.dtype)
 
 
 @pytest.mark.parametrize(
@@ -180,25 +207,32 @@ def test_rms_projection(tokens, size: int, num_cols: int, dtype: torch.dtype) ->
     torch.manual_seed(size)
     x = _leaf(*tokens, size, dtype=dtype)
     phi = _leaf(size, num_cols, scale=0.2)
-    proj, inv_rms = tk.rms_projection(x, phi, eps=1e-5)
+    projection = fused_rms_projection(x, phi, eps=1e-5)
+    proj, inv_rms = projection
     xf = x.float()
     ref_proj = xf @ phi
-    ref_inv = torch.rsqrt(xf.pow(2).mean(dim=-1) + 1e-5)
-    assert proj.shape == (*tokens, num_cols) and inv_rms.shape == tokens
+    ref_inv = torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + 1e-5)
+    assert proj.shape == (*tokens, num_cols) and inv_rms.shape == (*tokens, 1)
     tol = {"atol": 1e-4, "rtol": 1e-4}
     torch.testing.assert_close(proj, ref_proj, **tol)
     torch.testing.assert_close(inv_rms, ref_inv, **tol)
-    ours = _grads([proj, inv_rms], [x, phi])
-    ref = _grads([ref_proj, ref_inv], [x, phi])
-    for a, b in zip(ours, ref, strict=True):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(
-            a.float(), b.float(), **(tol if dtype == torch.float32 else TOL[dtype])
-        )
+
+    grad = Projection(_cotangent(proj, 1), _cotangent(inv_rms, 2))
+    ref_dx, ref_dphi = _reference_grads([ref_proj, ref_inv], [x, phi], grad)
+    # dx is added to what the gradient buffer holds: start from something nonzero
+    start = torch.randn(x.shape, device=DEVICE)
+    dx = start.clone()
+    args = (x.detach(), phi.detach(), projection, grad)
+    dphi = fused_rms_projection_backward(*args, dx)
+    grad_tol = tol if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(dx - start, ref_dx.float(), **grad_tol)
+    torch.testing.assert_close(dphi, ref_dphi, **grad_tol)
+    # without a gradient buffer, dphi only
+    torch.testing.assert_close(fused_rms_projection_backward(*args, None), dphi)
 
 
 # ---------------------------------------------------------------------------------------
-# width connection
+# branch input (width connection)
 # ---------------------------------------------------------------------------------------
 
 # long reductions over D (dH from per-block partials): fp32 rounding grows with D
@@ -214,41 +248,75 @@ def _coefficients(tokens: tuple[int, ...], k: int, num_rows: int, static: bool):
     return h_pre, h_post, h_res
 
 
+def _check_branch_input(rows, h_pre, dtype=torch.float32, grad_tol=None) -> None:
+    """The kernel's h0, dH_pre and dX (added to a buffer) against autograd of the reference."""
+    ours = fused_branch_input(rows, h_pre)
+    ref = streams.branch_input(rows.float(), h_pre).to(dtype)
+    _close(ours, ref, dtype)
+    grad = _cotangent(ref, 3)
+    ref_rows, ref_pre = _reference_grads([ref], [rows, h_pre], [grad])
+    start = torch.randn(rows.shape, device=DEVICE)
+    d_rows = start.clone()
+    d_pre = fused_branch_input_backward(rows.detach(), h_pre.detach(), grad, d_rows)
+    _close(d_pre, ref_pre, dtype, grad_tol)
+    _close((d_rows - start).to(dtype), ref_rows, dtype, grad_tol)
+    torch.testing.assert_close(
+        fused_branch_input_backward(rows.detach(), h_pre.detach(), grad), d_pre
+    )
+
+
 @pytest.mark.parametrize(("num_rows", "k"), WIDTH_CASES)
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_width_connection(num_rows: int, k: int, static: bool, dtype: torch.dtype) -> None:
+def test_branch_input(num_rows: int, k: int, static: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(num_rows * 10 + k)
     tokens, row_size = (2, 3), 24
     rows = _leaf(*tokens, num_rows, row_size, dtype=dtype)
     h_pre, _, _ = _coefficients(tokens, k, num_rows, static)
-    ours = tk.width_connection(rows, h_pre)
-    ref = streams.width_connection(rows.float(), h_pre).to(dtype)
-    _assert_matches([ours], [ref], [rows, h_pre], dtype)
+    _check_branch_input(rows, h_pre, dtype)
 
 
 @pytest.mark.parametrize(("num_rows", "k"), [(4, 1), (8, 8)])
-def test_width_connection_several_row_blocks(num_rows: int, k: int) -> None:
+def test_branch_input_several_row_blocks(num_rows: int, k: int) -> None:
     """D larger than one block: dH_pre is summed over the D-block partials."""
     torch.manual_seed(0)
-    row_size = 700
-    rows = _leaf(3, num_rows, row_size)
+    rows = _leaf(3, num_rows, 700)
     h_pre = _leaf(3, k, num_rows)
-    ours = tk.width_connection(rows, h_pre)
-    ref = streams.width_connection(rows, h_pre)
-    _assert_matches([ours], [ref], [rows, h_pre], grad_tol=ROW_BLOCKS_GRAD_TOL)
+    _check_branch_input(rows, h_pre, grad_tol=ROW_BLOCKS_GRAD_TOL)
 
 
 # ---------------------------------------------------------------------------------------
-# depth connection (+ bias, dropout)
+# merge of the branch output (depth connection, + bias, dropout)
 # ---------------------------------------------------------------------------------------
+
+
+def _check_merge(rows, out, bias, h_post, h_res, dtype=torch.float32, grad_tol=None) -> None:
+    """The kernel's X' and its five gradients against autograd of the reference."""
+    # no dropout (outside training the callers pass probability 0)
+    ours = fused_merge_branch_output(rows, BranchOutput(out, bias), h_post, h_res)
+    y = out.float() + (0.0 if bias is None else bias.float())
+    ref = streams.merge_branch_output(rows.float(), y, h_post, h_res).to(dtype)
+    _close(ours, ref, dtype)
+    grad = _cotangent(ref, 4)
+    inputs = (rows, out, bias, h_post, h_res)
+    given = [t for t in inputs if t is not None]
+    expected = iter(_reference_grads([ref], given, [grad]))
+    rows, out, bias, h_post, h_res = (None if t is None else t.detach() for t in inputs)
+    got = fused_merge_branch_output_backward(rows, BranchOutput(out, bias), h_post, h_res, grad)
+    for t, ours_grad in zip(inputs, got, strict=True):
+        if t is None:
+            assert ours_grad is None
+            continue
+        ref_grad = next(expected)
+        _close(ours_grad.to(ref_grad.dtype), ref_grad, dtype, grad_tol)
+    assert got[0].dtype == torch.float32, "dX is fp32: the width connection adds to it"
 
 
 @pytest.mark.parametrize(("num_rows", "k"), WIDTH_CASES)
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-def test_depth_connection(
+def test_merge_branch_output(
     num_rows: int, k: int, static: bool, dtype: torch.dtype, with_bias: bool
 ) -> None:
     torch.manual_seed(num_rows * 10 + k)
@@ -257,101 +325,84 @@ def test_depth_connection(
     out = _leaf(*tokens, k * row_size, dtype=dtype)
     bias = _leaf(k * row_size, scale=0.5, dtype=dtype) if with_bias else None
     _, h_post, h_res = _coefficients(tokens, k, num_rows, static)
-    # dropout p > 0 outside training is no dropout
-    ours = tk.depth_connection(rows, out, bias, h_post, h_res, 0.3, False, 123)
-    y = out.float() + (0.0 if bias is None else bias.float())
-    ref = streams.depth_connection(rows.float(), y, h_post, h_res).to(dtype)
-    inputs = [t for t in (rows, out, bias, h_post, h_res) if t is not None]
-    _assert_matches([ours], [ref], inputs, dtype)
+    _check_merge(rows, out, bias, h_post, h_res, dtype)
 
 
-def test_depth_connection_several_row_blocks() -> None:
+def test_merge_branch_output_several_row_blocks() -> None:
     torch.manual_seed(0)
     num_rows, row_size = 4, 1100
-    rows = _leaf(2, num_rows, row_size)
-    out = _leaf(2, row_size)
-    bias = _leaf(row_size)
     _, h_post, h_res = _coefficients((2,), 1, num_rows, static=False)
-    ours = tk.depth_connection(rows, out, bias, h_post, h_res)
-    ref = streams.depth_connection(rows, out + bias, h_post, h_res)
-    inputs = (rows, out, bias, h_post, h_res)
-    _assert_matches([ours], [ref], inputs, grad_tol=ROW_BLOCKS_GRAD_TOL)
+    args = (_leaf(2, num_rows, row_size), _leaf(2, row_size), _leaf(row_size), h_post, h_res)
+    _check_merge(*args, grad_tol=ROW_BLOCKS_GRAD_TOL)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
 def test_fp16_state(static: bool) -> None:
-    """A whole sublayer's connections with an fp16 state and branch (fp32 coefficients)."""
+    """A whole sublayer's passes with an fp16 state and branch (fp32 coefficients)."""
     torch.manual_seed(0)
     dtype, num_rows, row_size = torch.float16, 4, 40
     rows = _leaf(3, num_rows, row_size, dtype=dtype)
     out = _leaf(3, row_size, dtype=dtype)
     bias = _leaf(row_size, scale=0.5, dtype=dtype)
     h_pre, h_post, h_res = _coefficients((3,), 1, num_rows, static)
-    inputs = (rows, out, bias, h_pre, h_post, h_res)
-    ours = [
-        tk.width_connection(rows, h_pre),
-        tk.depth_connection(rows, out, bias, h_post, h_res),
-    ]
-    ref = [
-        streams.width_connection(rows.float(), h_pre).to(dtype),
-        streams.depth_connection(rows.float(), out.float() + bias, h_post, h_res).to(dtype),
-    ]
-    _assert_matches(ours, ref, inputs, dtype)
+    _check_branch_input(rows, h_pre, dtype)
+    _check_merge(rows, out, bias, h_post, h_res, dtype)
 
 
-def _keep_mask(tokens: int, num_rows: int, k: int, row_size: int, p: float, seed: int, **kw):
+def _keep_mask(tokens: int, num_rows: int, k: int, row_size: int, p: float, seed: int):
     """The kernel's keep mask, read off a forward with X = 0, y = 1, H_post = 1: [T, N, D]."""
     zeros = torch.zeros(tokens, num_rows, row_size, device=DEVICE)
     ones = torch.ones(tokens, k * row_size, device=DEVICE)
     h_post = torch.ones(num_rows, device=DEVICE)
     h_res = torch.zeros(num_rows, num_rows, device=DEVICE)
-    new = tk.depth_connection(zeros, ones, None, h_post, h_res, p, True, seed, **kw)
+    new = fused_merge_branch_output(zeros, BranchOutput(ones, None, p, seed), h_post, h_res)
     new = new.unflatten(-1, (num_rows, row_size))
     scale = torch.tensor(1.0 / (1.0 - p)).item()  # in fp32
     assert set(new.unique().tolist()) <= {0.0, scale}
     return new != 0
 
 
-@pytest.mark.parametrize(
-    ("k", "per_row_mask"), [(1, False), (1, True), (4, False)], ids=["k1", "k1-per-row", "kN"]
-)
-def test_depth_connection_dropout(k: int, per_row_mask: bool) -> None:
+@pytest.mark.parametrize("k", [1, 4], ids=["k1", "kN"])
+def test_merge_branch_output_dropout(k: int) -> None:
     torch.manual_seed(0)
     tokens, num_rows, row_size, p, seed = 6, 4, 100, 0.25, 1234
-    kw = {"per_row_mask": per_row_mask}
-    keep = _keep_mask(tokens, num_rows, k, row_size, p, seed, **kw)
+    keep = _keep_mask(tokens, num_rows, k, row_size, p, seed)
     assert abs((~keep).float().mean().item() - p) < 0.04
     # a different seed gives a different mask, the same seed the same one
-    assert not torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed + 1, **kw))
-    assert torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed, **kw))
-    same_for_all_rows = bool((keep == keep[:, :1]).all())
-    assert same_for_all_rows == (k == 1 and not per_row_mask)
+    assert not torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed + 1))
+    assert torch.equal(keep, _keep_mask(tokens, num_rows, k, row_size, p, seed))
+    # k = 1: y is dropped once, and every row receives the same dropped y
+    assert bool((keep == keep[:, :1]).all()) == (k == 1)
 
     rows = _leaf(tokens, num_rows, row_size)
     out = _leaf(tokens, k * row_size)
     bias = _leaf(k * row_size, scale=0.5)
     _, h_post, h_res = _coefficients((tokens,), k, num_rows, static=False)
     inputs = (rows, out, bias, h_post, h_res)
-    ours = tk.depth_connection(rows, out, bias, h_post, h_res, p, True, seed, **kw)
-    again = tk.depth_connection(rows, out, bias, h_post, h_res, p, True, seed, **kw)
-    assert torch.equal(ours, again)
+    branch = BranchOutput(out, bias, p, seed)
+    ours = fused_merge_branch_output(rows, branch, h_post, h_res)
+    assert torch.equal(ours, fused_merge_branch_output(rows, branch, h_post, h_res))
     # the reference with the same mask: the backward regenerates exactly the forward's mask
     y = (out + bias).unflatten(-1, (k, row_size))
-    y = y * keep / (1.0 - p)
+    y = y * keep[:, :k] / (1.0 - p)
     ref = (h_res @ rows + h_post.unsqueeze(-1) * y).flatten(-2)
     _close(ours, ref)
-    grads = _grads([ours], inputs)
-    for a, b in zip(grads, _grads([ref], inputs), strict=True):
-        _close(a, b)
-    grad_out = grads[1].unflatten(-1, (k, row_size))
-    if k == 1 and not per_row_mask:  # exactly zero where y was dropped, nonzero elsewhere
+    grad = _cotangent(ref, 5)
+    rows, out, bias, h_post, h_res = (t.detach() for t in inputs)
+    branch = BranchOutput(out, bias, p, seed)
+    got = fused_merge_branch_output_backward(rows, branch, h_post, h_res, grad)
+    for ours_grad, ref_grad in zip(got, _reference_grads([ref], inputs, [grad]), strict=True):
+        _close(ours_grad, ref_grad)
+    grad_out = got[1].unflatten(-1, (k, row_size))
+    if k == 1:  # exactly zero where y was dropped, nonzero elsewhere
         assert torch.equal(grad_out[:, 0] == 0, ~keep[:, 0])
 
 
 def test_supported() -> None:
-    assert tk.HAVE_TRITON
+    assert availability.HAVE_TRITON
     x = torch.zeros(2, device=DEVICE)
-    assert tk.supported(x, None, x.bfloat16(), x.half())
-    assert not tk.supported(x, x.double())
-    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
-        tk.width_connection(x.double().view(1, 2, 1), torch.ones(1, 2, device=DEVICE))
+    assert availability.supported(x, None, x.bfloat16(), x.half())
+    assert not availability.supported(x, x.double())
+    assert "torch.float64" in availability.unsupported_reason(x.double())
+    with pytest.raises(ValueError, match=r"fp32, bf16 or fp16 tensors, got torch\.float64"):
+        fused_branch_input(x.double().view(1, 2, 1), torch.ones(1, 2, device=DEVICE))

@@ -10,7 +10,8 @@ transformer layer and on a small GPT built from megatron-core's own specs:
   parameters excluded) and given per layer in units of one [s, b, C] activation: the extra
   over the baseline, hardware independent;
 - parameters and FLOPs per token (analytic: matmuls and the connections' multiply-adds), as
-  overheads over the baseline.
+  overheads over the baseline;
+- the backend the hyper-connections run on, and why (``backends.config_backend``).
 
 Writes ``benchmark.json`` and ``benchmark.md`` (the table) into ``--output-dir``. Runs on CPU
 (gloo, one process) and on a GPU (NCCL; the Transformer Engine spec when it is installed).
@@ -60,6 +61,8 @@ class Case:
     forward: Callable[[], Tensor]
     """Runs the forward pass and returns the scalar to backpropagate."""
     model: nn.Module
+    backend: tuple[str, str]
+    """(backend and coefficients, why) of the hyper-connections; dashes for the baseline."""
     times: list[float] = field(default_factory=list)
 
 
@@ -107,9 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [n for n in args.streams if n < 2]
     if bad:
         parser.error(f"--streams must be >= 2 (mHC needs two streams), got {bad}")
-    from megatron.hyper_connections import triton_kernels
+    from megatron.hyper_connections.kernels import availability
 
-    fused_available = torch.cuda.is_available() and triton_kernels.HAVE_TRITON
+    fused_available = torch.cuda.is_available() and availability.HAVE_TRITON
     if args.extras is None:
         args.extras = ["recompute", "compile"] + ["fused"] * fused_available
     elif "fused" in args.extras and not fused_available:
@@ -146,12 +149,10 @@ def variants(args: argparse.Namespace, scope: str) -> list[Variant]:
 def setup_megatron() -> torch.device:
     from megatron.core import parallel_state
 
-    from megatron.hyper_connections.cpu_compat import initialize_distributed
+    from megatron.hyper_connections.training.distributed import initialize_distributed
 
     if not parallel_state.model_parallel_is_initialized():  # else: called from a test
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # a local rendezvous
         # The benchmark passes its own causal mask and runs no schedule or optimizer, so on
         # CPU it needs megatron-core's RNG tracker but not the CUDA-to-CPU function mode.
         initialize_distributed(function_mode=False)
@@ -180,6 +181,16 @@ def model_config(args: argparse.Namespace, variant: Variant, num_layers: int):
     if variant.hc is None:
         return MCoreConfig(**options)
     return TransformerConfig(**options, use_hyper_connections=True, **variant.hc)
+
+
+def backend_of(config) -> tuple[str, str]:
+    """(backend and coefficients, why) of the config's hyper-connections, dashes without."""
+    from megatron.hyper_connections.backends import config_backend
+
+    if not getattr(config, "use_hyper_connections", False):
+        return "-", "-"
+    backend = config_backend(config)
+    return f"{backend.name} ({backend.coefficients} coefficients)", backend.reason
 
 
 def layer_spec():
@@ -211,7 +222,7 @@ def build_layer(args: argparse.Namespace, variant: Variant, device: torch.device
         output = output[0] if isinstance(output, tuple) else output
         return output.float().sum()  # saves nothing itself, unlike a squared loss
 
-    return Case(variant, forward, layer)
+    return Case(variant, forward, layer, backend_of(config))
 
 
 def build_gpt(args: argparse.Namespace, variant: Variant, device: torch.device) -> Case:
@@ -238,7 +249,7 @@ def build_gpt(args: argparse.Namespace, variant: Variant, device: torch.device) 
         per_token = model(tokens[:, :-1], positions, mask, labels=tokens[:, 1:])
         return per_token.float().mean()
 
-    return Case(variant, forward, model)
+    return Case(variant, forward, model, backend_of(config))
 
 
 def causal_mask(seq_length: int, device: torch.device) -> Tensor | None:
@@ -320,6 +331,8 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
                 "scope": scope,
                 "variant": case.variant.name,
                 "options": case.variant.hc or {},
+                "backend": case.backend[0],
+                "backend_reason": case.backend[1],
                 "step_ms": 1e3 * median,
                 "step_ms_all": [1e3 * t for t in case.times],
                 "time_ratio": median / base_time,
@@ -333,7 +346,8 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
         )
         print(
             f"{scope:5s} {case.variant.name:22s} {rows[-1]['time_ratio']:.3f}x "
-            f"({1e3 * median:.1f} ms), extra saved {rows[-1]['extra_saved_units_per_layer']:.2f}",
+            f"({1e3 * median:.1f} ms), extra saved {rows[-1]['extra_saved_units_per_layer']:.2f}, "
+            f"{case.backend[0]} backend: {case.backend[1]}",
             flush=True,
         )
     del cases
@@ -379,16 +393,20 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         f"{args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}; GPT: "
         f"{args.num_layers} layers, vocab {args.vocab_size}. Median of {args.repeats} steps.",
         "",
-        "| scope | variant | step time | vs residual | extra saved / layer | params | FLOPs |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| scope | variant | backend | step time | vs residual | extra saved / layer | params "
+        "| FLOPs |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['scope']} | {row['variant']} | {row['step_ms']:.1f} ms "
+            f"| {row['scope']} | {row['variant']} | {row['backend']} | {row['step_ms']:.1f} ms "
             f"| {row['time_ratio']:.3f}x | {row['extra_saved_units_per_layer']:.2f} "
             f"| {100 * row['parameter_overhead']:+.2f}% | {100 * row['flop_overhead']:+.2f}% |"
         )
-    lines += ["", f"Saved for backward: {UNITS_NOTE}, counted with saved-tensor hooks."]
+    lines += ["", f"Saved for backward: {UNITS_NOTE}, counted with saved-tensor hooks.", ""]
+    lines += ["Why each backend (`backends.config_backend`):", ""]
+    reasons = {row["variant"]: row["backend_reason"] for row in rows if row["backend"] != "-"}
+    lines += [f"- {variant}: {reason}" for variant, reason in reasons.items()]
     return "\n".join(lines) + "\n"
 
 

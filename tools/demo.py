@@ -1,11 +1,11 @@
-"""Residual vs. HC vs. mHC in a few minutes on a CPU: train the same small GPT three times.
+"""Residual vs. HC vs. mHC vs. mHC-lite on a CPU: train the same small GPT four times.
 
     python tools/demo.py                      # runs/demo/report.md and its figures
     python tools/demo.py --output-dir runs/demo --train-iters 60
 
-The three runs (residual baseline, dynamic HC with n = 4, mHC with n = 4) go through the real
-entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after the other,
-with the same seed, data (the embedded corpus), model size and iterations. Then
+The four runs (residual baseline, dynamic HC, mHC and mHC-lite, each with n = 4) go through
+the real entry point, ``python -m megatron.hyper_connections.training.pretrain``, one after
+the other, with the same seed, data (the embedded corpus), model size and iterations. Then
 ``tools/plot_stability.py`` draws the figures and ``report.md`` puts validation loss, the
 largest composite gains, throughput and parameter counts side by side.
 """
@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import plot_stability
 
-# Small enough for a 2-core CPU: the three runs take a few minutes in all.
+from megatron.hyper_connections.training.monitoring import gain_quantity, stability_tag
+
+# Small enough for a 2-core CPU: the four runs take a few minutes in all.
 MODEL_FLAGS = [
     "--num-layers", "4",
     "--hidden-size", "128",
@@ -53,9 +55,16 @@ VARIANTS = {
             "--use-manifold-hyper-connections",
         ],
     ),
+    "mhc-lite": (
+        "mHC-lite x4",
+        [
+            "--use-hyper-connections",
+            "--num-residual-streams", "4",
+            "--use-manifold-hyper-connections",
+            "--mhc-h-res-parameterization", "permutations",
+        ],
+    ),
 }  # fmt: skip
-
-GAIN = "hyper-connections/{direction}_gain/composite_{statistic}/max"
 
 
 @dataclass
@@ -95,6 +104,12 @@ def summarize(
     _, validation = plot_stability.series(records, "lm loss validation")
     _, speeds = plot_stability.series(records, "tokens-per-second")
     speeds = sorted(speeds[1:] or speeds)  # the first interval includes warm-up
+
+    def largest_composite_gain(direction: str, statistic: str) -> float | None:
+        """Over sublayers (the logged max) and over the log intervals."""
+        tag = stability_tag(gain_quantity(direction, "composite", statistic))
+        return plot_stability.max_value(records, tag)
+
     return RunResult(
         name=name,
         label=label,
@@ -102,18 +117,10 @@ def summarize(
         final_validation_loss=validation[-1] if validation else None,
         best_validation_loss=min(validation) if validation else None,
         final_train_loss=plot_stability.last_value(records, "lm loss"),
-        max_forward_gain=plot_stability.max_value(
-            records, GAIN.format(direction="forward", statistic="per_token")
-        ),
-        max_backward_gain=plot_stability.max_value(
-            records, GAIN.format(direction="backward", statistic="per_token")
-        ),
-        max_forward_gain_mean_matrix=plot_stability.max_value(
-            records, GAIN.format(direction="forward", statistic="mean_matrix")
-        ),
-        max_backward_gain_mean_matrix=plot_stability.max_value(
-            records, GAIN.format(direction="backward", statistic="mean_matrix")
-        ),
+        max_forward_gain=largest_composite_gain("forward", "per_token"),
+        max_backward_gain=largest_composite_gain("backward", "per_token"),
+        max_forward_gain_mean_matrix=largest_composite_gain("forward", "mean_matrix"),
+        max_backward_gain_mean_matrix=largest_composite_gain("backward", "mean_matrix"),
         tokens_per_second=speeds[len(speeds) // 2] if speeds else None,
     )
 
@@ -131,7 +138,7 @@ def report_markdown(
     """The report: one table with the runs side by side, then the figures (paths relative to
     the report)."""
     baseline = next((r.parameters for r in results if r.parameters), None)
-    lines = ["# Residual vs. HC vs. mHC: demo report", ""]
+    lines = ["# Residual vs. HC vs. mHC vs. mHC-lite: demo report", ""]
     if settings:
         lines += [settings, ""]
     lines += [
@@ -212,7 +219,8 @@ def count_parameters(flags: Sequence[str]) -> int:
 
 
 def _print_parameter_count(flags: Sequence[str]) -> None:
-    from megatron.hyper_connections.training.arguments import parse_args, transformer_config
+    from megatron.hyper_connections.training.checks import parse_args
+    from megatron.hyper_connections.training.factories import transformer_config
     from megatron.hyper_connections.training.pretrain import megatron_parallel_state, model_chunks
 
     args = parse_args(list(flags))

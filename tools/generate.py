@@ -31,11 +31,19 @@ from typing import Any
 
 import torch
 
-from megatron.hyper_connections.training.arguments import (
+from megatron.hyper_connections.training.checkpoints import (
     TRACKER_FILE,
-    UsageError,
     checkpoint_iteration,
     checkpoint_path,
+    is_complete,
+    saved_train_state,
+)
+from megatron.hyper_connections.training.parser import (
+    UsageError,
+    non_negative_int,
+    parse_and_check,
+    positive_float,
+    positive_int,
 )
 
 __all__ = ["generate", "generate_ids", "loaded_model", "main", "saved_args"]
@@ -90,28 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--load", required=True, help="checkpoint directory of the run")
     parser.add_argument(
-        "--iteration", type=_non_negative_int, help="default: the last complete checkpoint"
+        "--iteration", type=non_negative_int, help="default: the last complete checkpoint"
     )
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=_non_negative_int, default=64)
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=64)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="the most likely token (default)")
-    mode.add_argument("--top-k", type=_positive_int, help="sample from the K most likely tokens")
-    parser.add_argument("--temperature", type=_positive_float, help="with --top-k; default: 1.0")
-    parser.add_argument("--seed", type=_non_negative_int, help="with --top-k; default: 1234")
+    mode.add_argument("--top-k", type=positive_int, help="sample from the K most likely tokens")
+    parser.add_argument("--temperature", type=positive_float, help="with --top-k; default: 1.0")
+    parser.add_argument("--seed", type=non_negative_int, help="with --top-k; default: 1234")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parsed options with the checkpoint's iteration resolved; a usage error (exit status 2)
     for bad options or a missing or incomplete checkpoint, before anything is built."""
-    parser = build_parser()
-    options = parser.parse_args(argv)
-    try:
-        check_options(options)
-    except UsageError as error:
-        parser.error(str(error))
-    return options
+    return parse_and_check(build_parser(), argv, check_options)
 
 
 def check_options(options: argparse.Namespace) -> None:
@@ -146,12 +148,9 @@ def resolve_iteration(load: str | os.PathLike, iteration: int | None = None) -> 
                 f"--load {load}: no checkpoint there (no {TRACKER_FILE}); "
                 "is it the --save directory of a run?"
             )
-    elif not (checkpoint_path(directory, iteration) / "train_state.pt").is_file():
-        found = sorted(
-            int(path.name[len("iter_") :])
-            for path in directory.glob("iter_*")
-            if path.name[len("iter_") :].isdigit() and (path / "train_state.pt").is_file()
-        )
+    elif not is_complete(directory, iteration):
+        numbers = (path.name.removeprefix("iter_") for path in directory.glob("iter_*"))
+        found = sorted(int(n) for n in numbers if n.isdigit() and is_complete(directory, int(n)))
         raise UsageError(
             f"--iteration {iteration}: no complete checkpoint of it in {load} "
             f"(complete ones: {', '.join(map(str, found)) or 'none'})"
@@ -163,8 +162,7 @@ def resolve_iteration(load: str | os.PathLike, iteration: int | None = None) -> 
 
 def saved_args(load: str | os.PathLike, iteration: int) -> argparse.Namespace:
     """The run's flags from its checkpoint, changed for one process with TP = PP = 1."""
-    state = torch.load(checkpoint_path(load, iteration) / "train_state.pt", weights_only=True)
-    args = argparse.Namespace(**state["args"])
+    args = argparse.Namespace(**saved_train_state(load, iteration)["args"])
     for name, value in _SINGLE_PROCESS.items():
         setattr(args, name, value)
     if args.transformer_impl == "transformer_engine" and not torch.cuda.is_available():
@@ -182,13 +180,11 @@ def loaded_model(
     rebuild the run's model and tokenizer and load the checkpoint's weights; yields
     ``(model, tokenizer, train_args)`` with the model in eval mode, tears down on exit."""
     from megatron.hyper_connections.checkpointing import load_checkpoint
-    from megatron.hyper_connections.training.arguments import (
+    from megatron.hyper_connections.training.distributed import megatron_parallel_state
+    from megatron.hyper_connections.training.factories import (
+        model_chunks,
         tokenizer_from_args,
         transformer_config,
-    )
-    from megatron.hyper_connections.training.pretrain import (
-        megatron_parallel_state,
-        model_chunks,
     )
 
     iteration = resolve_iteration(load, iteration)
@@ -196,7 +192,7 @@ def loaded_model(
     tokenizer = tokenizer_from_args(args)
     with megatron_parallel_state(args):
         config = transformer_config(args)
-        (model,) = model_chunks(args, config)
+        (model,) = model_chunks(args, config)  # not in DDP: nothing to reduce
         load_checkpoint(model, checkpoint_path(load, iteration) / "model")
         model.eval()
         # What generate() keeps the context to: the run's sequence length.
@@ -292,36 +288,6 @@ def generate_ids(
     finally:
         model.train(was_training)
     return ids
-
-
-def _positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _number(text: str, kind: type) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a{'n integer' if kind is int else ' number'}: {text}"
-        ) from None
 
 
 if __name__ == "__main__":

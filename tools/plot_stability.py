@@ -30,10 +30,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-JSONL_FILE = "scalars.jsonl"
-COMPOSITE = "hyper-connections/{direction}_gain/composite_{statistic}/"
-H_RES = "hyper-connections/h_res/"
-_SUBLAYER = re.compile(r"layer_(\d+)_(attn|mlp)$")
+# The tags are the pretraining monitor's own.
+from megatron.hyper_connections.training.monitoring import (
+    H_RES,
+    JSONL_FILE,
+    gain_quantity,
+    per_sublayer,
+    stability_tag,
+    sublayer_name,
+)
 
 Records = list[dict]
 
@@ -55,15 +60,10 @@ def series(records: Records, tag: str) -> tuple[list[int], list[float]]:
     return [i for i, _ in points], [v for _, v in points]
 
 
-def sublayers(records: Records, prefix: str) -> list[str]:
-    """The sublayer names logged under ``prefix`` (``max`` left out), in network order."""
-    names = {
-        tag[len(prefix) :]
-        for record in records
-        for tag in record
-        if tag.startswith(prefix) and _SUBLAYER.match(tag[len(prefix) :])
-    }
-    return sorted(names)
+def sublayers(records: Records, quantity: str) -> list[int]:
+    """The indices of the sublayers whose ``quantity`` (see ``gain_quantity``) is logged, in
+    network order."""
+    return sorted({index for record in records for index in per_sublayer(record, quantity)})
 
 
 def last_value(records: Records, tag: str) -> float | None:
@@ -119,7 +119,7 @@ def plot_composite_gains(
     with_gains = {
         name: records
         for name, records in runs.items()
-        if sublayers(records, COMPOSITE.format(direction="forward", statistic=statistic))
+        if sublayers(records, gain_quantity("forward", "composite", statistic))
     }
     if not with_gains:
         print(f"note: no composite gains in the logs (no hyper-connections), {path.name} skipped")
@@ -130,16 +130,16 @@ def plot_composite_gains(
     for row, (name, records) in enumerate(with_gains.items()):
         for col, direction in enumerate(("forward", "backward")):
             ax = axes[row][col]
-            prefix = COMPOSITE.format(direction=direction, statistic=statistic)
-            names = sublayers(records, prefix)
+            quantity = gain_quantity(direction, "composite", statistic)
+            indices = sublayers(records, quantity)
             colors = plt.get_cmap("viridis")
-            for k, sublayer in enumerate(names):
-                iterations, values = series(records, prefix + sublayer)
+            for k, index in enumerate(indices):
+                iterations, values = series(records, stability_tag(quantity, index))
                 ax.plot(
                     iterations,
                     values,
-                    color=colors(k / max(len(names) - 1, 1)),
-                    label=sublayer,
+                    color=colors(k / max(len(indices) - 1, 1)),
+                    label=sublayer_name(index),
                     linewidth=1.2,
                 )
             ax.set_yscale("log")
@@ -162,13 +162,14 @@ def _readable_log_axis(ax: plt.Axes) -> None:
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
-def h_res_matrices(records: Records) -> tuple[int, dict[str, list[list[float]]]] | None:
-    """(iteration, {sublayer: matrix}) of the last record holding H_res matrices, else None."""
+def h_res_matrices(records: Records) -> tuple[int, dict[int, list[list[float]]]] | None:
+    """(iteration, {sublayer index: matrix}) of the last record holding H_res matrices, else
+    None."""
     for record in reversed(records):
         matrices = {
-            tag[len(H_RES) :]: value
-            for tag, value in record.items()
-            if tag.startswith(H_RES) and isinstance(value, list)
+            index: value
+            for index, value in per_sublayer(record, H_RES).items()
+            if isinstance(value, list)
         }
         if matrices:
             return record["iteration"], matrices
@@ -181,32 +182,32 @@ def plot_h_res_heatmaps(
     """Heatmaps of the token-averaged H_res of the attention and MLP of ``layers``."""
     found = h_res_matrices(records)
     if found is None:
-        print(f"note: {name}: no H_res matrices in the log ('{H_RES}<sublayer>'), heatmaps skipped")
+        tag = stability_tag(H_RES, "<sublayer>")
+        print(f"note: {name}: no H_res matrices in the log ('{tag}'), heatmaps skipped")
         return None
     iteration, matrices = found
+    # Sublayer 2k is the attention of layer k, 2k + 1 its MLP.
     cells = [
-        (layer, kind, matrices.get(f"layer_{layer:02d}_{kind}"))
-        for layer in layers
-        for kind in ("attn", "mlp")
+        (index, matrices.get(index)) for layer in layers for index in (2 * layer, 2 * layer + 1)
     ]
-    missing = [f"layer_{layer:02d}_{kind}" for layer, kind, m in cells if m is None]
+    missing = [sublayer_name(index) for index, m in cells if m is None]
     if missing:
         print(f"note: {name}: no H_res logged for {', '.join(missing)}")
-    cells = [cell for cell in cells if cell[2] is not None]
+    cells = [cell for cell in cells if cell[1] is not None]
     if not cells:
         return None
     columns = 2
     rows = math.ceil(len(cells) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.8 * rows), squeeze=False)
-    bound = max(abs(v) for _, _, m in cells for row in m for v in row) or 1.0
+    bound = max(abs(v) for _, m in cells for row in m for v in row) or 1.0
     image = None
-    for ax, (layer, kind, matrix) in zip(axes.flat, cells, strict=False):
+    for ax, (index, matrix) in zip(axes.flat, cells, strict=False):
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-bound, vmax=bound)
         size = len(matrix)
         for i in range(size):
             for j in range(len(matrix[i])):
                 ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_title(f"layer {layer} {kind}")
+        ax.set_title(sublayer_name(index))
         ax.set_xticks(range(size))
         ax.set_yticks(range(size))
     for ax in list(axes.flat)[len(cells) :]:
@@ -239,7 +240,7 @@ def plot_runs(
     ]
     if heatmap_layers:
         for name, records in runs.items():
-            if not sublayers(records, COMPOSITE.format(direction="forward", statistic=statistic)):
+            if not sublayers(records, gain_quantity("forward", "composite", statistic)):
                 continue  # a residual run has no H_res
             safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
             written.append(

@@ -8,14 +8,17 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig as MCoreTransformerConfig
 
+from . import permutations
 from .options import (
     FINITE_FLOAT,
     HC,
     MHC,
+    MHC_LITE,
     OPTIONAL_POSITIVE_INT,
     POSITIVE_INT,
     PROBABILITY,
@@ -65,7 +68,7 @@ class TransformerConfig(MCoreTransformerConfig):
     (``hidden_dropout`` still applies to the branch output itself first)."""
 
     num_fracs: int = hc_option(
-        1, variants=(HC,), module_arg="num_fracs", must_match=True, allowed=POSITIVE_INT
+        1, kinds=(HC,), module_arg="num_fracs", must_match=True, allowed=POSITIVE_INT
     )
     """m > 1: Frac-Connections, the hidden state split into m fractions (needs n = 1)."""
 
@@ -78,7 +81,7 @@ class TransformerConfig(MCoreTransformerConfig):
     """Dynamic coefficients computed from each token (DHC, mHC) or static ones only (SHC)."""
 
     hyper_connections_tanh: bool = hc_option(
-        True, flag="--hyper-connections-no-tanh", variants=(HC,), module_arg="use_tanh"
+        True, flag="--hyper-connections-no-tanh", kinds=(HC,), module_arg="use_tanh"
     )
     """HC only: tanh on the dynamic coefficients (False: the paper's "without tanh" ablation)."""
 
@@ -115,19 +118,19 @@ class TransformerConfig(MCoreTransformerConfig):
     ``recompute_hyper_connections``, whose state chain the kernel would bypass)."""
 
     mhc_sinkhorn_iters: int = hc_option(
-        20, needs=USE_MHC, variants=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT
+        20, needs=USE_MHC, kinds=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT
     )
     """mHC: Sinkhorn-Knopp iterations producing H_res."""
 
     mhc_log_domain_sinkhorn: bool = hc_option(
-        False, needs=USE_MHC, variants=(MHC,), module_arg="log_domain_sinkhorn"
+        False, needs=USE_MHC, kinds=(MHC,), module_arg="log_domain_sinkhorn"
     )
     """mHC: log-domain Sinkhorn, stable for large logits at some extra cost."""
 
     mhc_num_dynamic_alpha_proposals: int = hc_option(
         1,
         needs=USE_MHC,
-        variants=(MHC,),
+        kinds=(MHC, MHC_LITE),
         module_arg="num_proposals",
         must_match=True,
         allowed=POSITIVE_INT,
@@ -135,10 +138,26 @@ class TransformerConfig(MCoreTransformerConfig):
     """mHC: P independent coefficient projections, each constrained, then averaged."""
 
     mhc_h_res_bias_init: float = hc_option(
-        4.0, needs=USE_MHC, variants=(MHC,), module_arg="h_res_bias_init", allowed=FINITE_FLOAT
+        4.0,
+        needs=USE_MHC,
+        kinds=(MHC, MHC_LITE),
+        module_arg="h_res_bias_init",
+        allowed=FINITE_FLOAT,
     )
     """mHC: c in the H_res bias init c * I. 0 starts H_res at 1/n (streams averaged at every
     sublayer); larger c leans it towards the identity (diagonal e^c / (e^c + n - 1))."""
+
+    mhc_h_res_parameterization: Literal["sinkhorn", "permutations"] = hc_option(
+        "sinkhorn",
+        needs=USE_MHC,
+        kinds=(MHC, MHC_LITE),
+        module_arg="h_res_parameterization",
+        must_match=True,
+    )
+    """mHC: how H_res is made doubly stochastic: "sinkhorn" (the mHC paper: Sinkhorn-Knopp on
+    n x n logits) or "permutations" (mHC-lite: a softmax mixture of the n! permutation
+    matrices, exactly doubly stochastic with no iterations; n <= 6). With "permutations" the
+    H_res bias init puts c = ``mhc_h_res_bias_init`` on the identity permutation."""
 
     def __post_init__(self) -> None:
         # Our options first, so a wrong one is reported before megatron-core's own checks.
@@ -184,9 +203,9 @@ class TransformerConfig(MCoreTransformerConfig):
                 )
 
         if self.hyper_connections_fused_kernels:
-            from . import triton_kernels
+            from .kernels import availability
 
-            if not triton_kernels.HAVE_TRITON:
+            if not availability.HAVE_TRITON:
                 raise ValueError(
                     "hyper_connections_fused_kernels=True needs Triton, which is not "
                     "installed: pip install triton (it comes with CUDA builds of torch), or "
@@ -204,25 +223,27 @@ class TransformerConfig(MCoreTransformerConfig):
                 raise ValueError(
                     f"num_fracs={self.num_fracs} must divide hidden_size={self.hidden_size}"
                 )
+        lite = self.mhc_h_res_parameterization == "permutations"
+        if lite and self.num_residual_streams > permutations.MAX_STREAMS:
+            raise ValueError(
+                f"mhc_h_res_parameterization='permutations' takes num_residual_streams <= "
+                f"{permutations.MAX_STREAMS} (n! H_res logits per token), got "
+                f"num_residual_streams={self.num_residual_streams}: use fewer streams or "
+                f"mhc_h_res_parameterization='sinkhorn'"
+            )
         if self.use_manifold_hyper_connections and self.num_residual_streams < 2:
             raise ValueError(
                 f"use_manifold_hyper_connections=True needs num_residual_streams >= 2, got "
                 f"num_residual_streams={self.num_residual_streams}"
             )
-        if self.use_hyper_connections:
-            if self.mtp_num_layers:
-                raise ValueError(
-                    f"mtp_num_layers={self.mtp_num_layers} is not supported with "
-                    f"use_hyper_connections=True: multi-token prediction layers take the "
-                    f"single-stream hidden state; use mtp_num_layers=None"
-                )
-            if getattr(self, "cuda_graph_impl", "none") != "none" or getattr(
-                self, "enable_cuda_graph", False
-            ):
-                raise ValueError(
-                    f"cuda_graph_impl={getattr(self, 'cuda_graph_impl', None)!r} is not "
-                    f"supported with use_hyper_connections=True: use cuda_graph_impl='none'"
-                )
+        cuda_graphs = getattr(self, "cuda_graph_impl", "none") != "none" or getattr(
+            self, "enable_cuda_graph", False
+        )
+        if self.use_hyper_connections and cuda_graphs:
+            raise ValueError(
+                f"cuda_graph_impl={getattr(self, 'cuda_graph_impl', None)!r} is not "
+                f"supported with use_hyper_connections=True: use cuda_graph_impl='none'"
+            )
 
 
 def _scaled(init_method: Callable[[torch.Tensor], object], factor: float) -> Callable:

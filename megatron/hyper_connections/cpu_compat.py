@@ -1,64 +1,76 @@
-"""Let megatron-core 0.16.1 run on CPU with the gloo backend (for multi-process tests).
+"""The CPU layer: megatron-core 0.16.1 on the CPU with the gloo backend, where it assumes a GPU.
 
-megatron-core assumes a CUDA device in a handful of places that its tensor, pipeline and data
-parallel code paths go through even when every tensor lives on the CPU. `enable_cpu_megatron()`
-patches exactly those places, process-wide, and only when `torch.cuda.is_available()` is False:
-with CUDA it does nothing, so code that calls it runs unchanged on GPUs.
+megatron-core's tensor, pipeline and data parallel code, its optimizer and its schedules call
+CUDA-only functions even when every tensor lives on the CPU. ``enable_cpu_megatron()`` replaces
+exactly those, for the whole process and for the rest of its life (nothing is undone), and only
+when ``torch.cuda.is_available()`` is False: with CUDA it changes nothing. It is enabled in one
+place, ``training.distributed.initialize_distributed``, which the trainer, the tools and the
+tests set up their process groups with, and it logs a warning the first time it is enabled in a
+process. ``tools/benchmark.py`` enables it without the torch function mode (item 11), whose
+per-op cost it would otherwise time.
 
-What is replaced, and why:
+What is replaced, and why (in the order ``enable_cpu_megatron`` does it):
 
-* `torch.cuda.current_device` -> the CPU device: megatron allocates buffers with
-  `device=torch.cuda.current_device()` (p2p shape/activation buffers, sequence-parallel
-  gathers, DDP grad buffers, optimizer and timer scratch tensors).
-* `torch.cuda.synchronize` -> no-op: p2p communication, distributed-checkpoint preloading,
-  timers and DDP call it; CPU ops and waited-on gloo work are already complete.
-* `torch.cuda.Stream` / `torch.cuda.current_stream` -> a do-nothing stand-in, and the MoE
-  all-to-all token dispatcher's `maybe_move_tensor_to_cpu` -> one that also converts CPU tensors
-  to numpy: the dispatcher copies the all-to-all split sizes to the host on a side stream, and
-  only turns them into the lists `all_to_all_single` needs when they start on a GPU.
-* `torch.cuda.manual_seed` / `torch.cuda.get_rng_state` and megatron's private
-  `tensor_parallel.random._get_cuda_rng_state` / `_set_cuda_rng_state` -> the CPU default
-  generator: `model_parallel_cuda_manual_seed` and `CudaRNGStatesTracker.add()/fork()` keep the
-  per-TP-rank "device" RNG streams. On CPU the device generator *is* the CPU generator, so forking
-  it keeps megatron's semantics (a distinct model-parallel stream per TP rank, a default stream
-  shared by the ranks of a TP group); `fork()`'s warning that the CPU RNG moved is silenced.
-* `moe_utils.te_general_gemm` -> None when Transformer Engine (CUDA-only) is absent: the MoE
-  router's gating GEMM tests `te_general_gemm is not None`, a name that is only bound with TE.
-* `WrappedTorchNorm` (the local spec's norm when the CUDA-only Apex is absent) refuses
-  `sequence_parallel` only because nothing would mark its weights for the TP all-reduce of
-  `finalize_model_grads`; on CPU it builds the same torch norm and marks them.
-* A torch function mode, active for the rest of the process (and, since autograd runs
-  backward with no mode active, re-entered in megatron's recompute backward), that
-  - sends `device="cuda"` arguments of tensor factories and `Tensor.cuda()` / `.to("cuda")` to
-    the CPU: several megatron functions hard-code `device="cuda"` (the token counters of the
-    pipeline schedules, the optimizer's scale tensors, the default causal attention mask);
-  - answers `Tensor.type()` for CPU tensors with the CUDA type name, only when the caller is
-    megatron-core: the distributed optimizer and grad clipping dispatch on
-    `param.type() == "torch.cuda.FloatTensor"` and reject anything else.
-  Torch function modes are thread-local: the mode covers the thread that first enabled it (the
-  one that runs megatron), not Python threads started elsewhere.
-
-`initialize_distributed()` uses gloo on CPU and NCCL with CUDA.
+1. ``torch.cuda.current_device`` -> the CPU device: megatron allocates buffers with
+   ``device=torch.cuda.current_device()`` (p2p shape and activation buffers, sequence-parallel
+   gathers, DDP gradient buffers, optimizer and timer scratch tensors).
+2. ``torch.cuda.synchronize`` -> a no-op: p2p communication, distributed-checkpoint
+   preloading, timers and DDP call it; CPU ops and waited-on gloo work are already complete.
+3. ``torch.cuda.Stream`` and ``torch.cuda.current_stream`` -> a do-nothing stream: the MoE
+   all-to-all token dispatcher copies the split sizes to the host on a side stream.
+4. ``moe.token_dispatcher.maybe_move_tensor_to_cpu`` -> one that also converts CPU tensors to
+   numpy: the dispatcher turns the split sizes into the lists ``all_to_all_single`` needs only
+   when they start on a GPU.
+5. ``torch.cuda.manual_seed`` and ``torch.cuda.get_rng_state`` -> the CPU default generator:
+   ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.add()`` seed and read the
+   per-TP-rank "device" RNG streams.
+6. ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` (private) -> the
+   CPU generator's: ``CudaRNGStatesTracker.fork()`` swaps the "device" RNG state through them.
+   On the CPU the device generator *is* the CPU generator, so forking it keeps megatron's
+   semantics (a distinct model-parallel stream per TP rank, a default stream shared by the
+   ranks of a TP group).
+7. A filter on the ``megatron.core.tensor_parallel.random`` logger that drops ``fork()``'s
+   warning that the CPU RNG moved inside it, which on the CPU is the point of forking.
+8. ``WrappedTorchNorm.__new__`` (the local spec's norm without the CUDA-only Apex) -> one that
+   accepts ``sequence_parallel``: megatron-core refuses it only because nothing would mark the
+   norm's weights for the TP all-reduce of ``finalize_model_grads``; this builds the same torch
+   norm and marks them.
+9. ``moe.moe_utils.te_general_gemm`` -> None when Transformer Engine (CUDA-only) is absent: the
+   MoE router's gating GEMM tests ``te_general_gemm is not None``, a name bound only with TE.
+10. ``tensor_parallel.random.CheckpointFunction.backward`` and
+    ``CheckpointWithoutOutput._recompute`` -> the same under the torch function mode of item 11:
+    activation recompute re-runs forward code inside autograd's backward, where no mode is
+    active.
+11. A torch function mode, entered and never exited (``function_mode=True``, the default), that
+    - sends ``device="cuda"`` arguments of tensor factories and ``Tensor.cuda()`` /
+      ``.to("cuda")`` to the CPU: several megatron functions hard-code ``device="cuda"`` (the
+      token counters of the pipeline schedules, the optimizer's scale tensors, the default
+      causal attention mask);
+    - answers ``Tensor.type()`` for CPU tensors with the CUDA type name, only when the caller is
+      megatron-core: the distributed optimizer and gradient clipping dispatch on
+      ``param.type() == "torch.cuda.FloatTensor"`` and reject anything else.
+    Torch function modes are thread-local: the mode covers the thread that first enabled it
+    (the one that runs megatron), not Python threads started elsewhere.
 
 Megatron-LM's trainer (``megatron.training``, from megatron-core >= 0.17 or a Megatron-LM
-checkout) needs five things more, which `enable_cpu_megatron_training()` adds, again only
-without CUDA:
+checkout) needs more, which ``enable_cpu_megatron_training()`` adds (enabling the above first),
+again only without CUDA; the trainer's entry point (``megatron_lm.pretrain_gpt``) enables it:
 
-* `initialize_megatron` asserts CUDA unless called with ``allow_no_cuda=True``; its
-  `pretrain` calls it without, so `pretrain`'s reference to it passes that flag.
-* `_initialize_distributed` sets up megatron's parallel state, and `_set_random_seed` the
-  model-parallel RNG streams, only when `torch.cuda.device_count() > 0`: both run seeing one
-  device, whose `torch.cuda.set_device` does nothing (the CPU is the device).
-* `validate_args` reads the GPU architecture (`get_device_arch_version`) for tensor or context
+* ``initialize_megatron`` asserts CUDA unless called with ``allow_no_cuda=True``; its
+  ``pretrain`` calls it without, so ``pretrain``'s reference to it passes that flag.
+* ``_initialize_distributed`` sets up megatron's parallel state, and ``_set_random_seed`` the
+  model-parallel RNG streams, only when ``torch.cuda.device_count() > 0``: both run seeing one
+  device, whose ``torch.cuda.set_device`` does nothing (the CPU is the device).
+* ``validate_args`` reads the GPU architecture (``get_device_arch_version``) for tensor or context
   parallelism; on a CPU it answers 0, so Megatron-LM applies its pre-Blackwell rules (which ask
   for ``CUDA_DEVICE_MAX_CONNECTIONS=1``, as its example scripts set).
 * Megatron-LM up to 0.16 compiles its legacy fused CUDA kernels at start-up
-  (`megatron.legacy.fused_kernels.load`, which needs nvcc); there are none to load on a CPU.
+  (``megatron.legacy.fused_kernels.load``, which needs nvcc); there are none to load on a CPU.
 * On a CPU the "device" random numbers are the CPU generator's, and a data loader draws its
   base seed from that generator when its iterator starts. Megatron-LM starts its iterators
   after restoring a checkpoint's random states, so a resumed run would drop out other units
   than the uninterrupted one (on a GPU dropout draws from the CUDA generator, which loaders
-  leave alone): `build_pretraining_data_loader`'s loaders get a generator of their own.
+  leave alone): ``build_pretraining_data_loader``'s loaders get a generator of their own.
 
 The rest is flags of Megatron-LM's own, for what a CPU lacks: ``--distributed-backend gloo``,
 ``--transformer-impl local``, ``--no-gradient-accumulation-fusion``, ``--no-persist-layer-norm``
@@ -70,26 +82,20 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-__all__ = [
-    "destroy_distributed",
-    "enable_cpu_megatron",
-    "enable_cpu_megatron_training",
-    "initialize_distributed",
-]
+__all__ = ["enable_cpu_megatron", "enable_cpu_megatron_training"]
 
 _CPU = torch.device("cpu")
-_enabled = False
-_mode_entered = False
-_training_enabled = False
+_log = logging.getLogger(__name__)
+_patched = False  # items 1 to 10
+_mode_entered = False  # item 11
+_training_patched = False  # Megatron-LM's trainer
 
 
 def _is_cuda(device: Any) -> bool:
@@ -189,49 +195,61 @@ def _under_cpu_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def enable_cpu_megatron(*, function_mode: bool = True) -> None:
-    """Patch megatron-core's CUDA assumptions for CPU use; idempotent, a no-op with CUDA.
+    """Enable the CPU layer (the module docstring lists what it replaces) for this process;
+    idempotent, and a no-op with CUDA. Logs a warning the first time it patches.
 
-    ``function_mode=False`` leaves out the torch function mode: a single-process benchmark
-    that passes its own attention mask and uses no schedule or optimizer does not need it,
-    and should not time its per-op cost.
+    ``function_mode=False`` leaves out the torch function mode (item 11): a single-process
+    benchmark that passes its own attention mask and uses no schedule or optimizer does not
+    need it, and should not time its per-op cost.
     """
-    global _enabled, _mode_entered
+    global _patched, _mode_entered
     if torch.cuda.is_available():
         return
+    if not _patched:
+        _patch_cuda_assumptions()
+        _patched = True
+        _log.warning(
+            "no CUDA device: megatron-core runs on the CPU through %s, which replaces parts of "
+            "torch.cuda and megatron-core for the rest of this process (its docstring lists "
+            "them)",
+            __name__,
+        )
     if function_mode and not _mode_entered:
-        # schedules/optimizer/causal mask hard-code device="cuda"; DistributedOptimizer checks
-        # param.type() == "torch.cuda.FloatTensor".
+        # Item 11: schedules/optimizer/causal mask hard-code device="cuda"; the distributed
+        # optimizer checks param.type() == "torch.cuda.FloatTensor".
         _CudaToCpuMode().__enter__()
         _mode_entered = True
-    if _enabled:
-        return
+
+
+def _patch_cuda_assumptions() -> None:
+    """Items 1 to 10 of the module docstring."""
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    # p2p_communication, mappings, DDP buffers, optimizer, timers allocate on current_device().
+    # 1. p2p_communication, mappings, DDP buffers, optimizer, timers allocate on current_device().
     torch.cuda.current_device = lambda: _CPU
-    # p2p_communication._communicate and filesystem_async.preload_tensors wait on the GPU.
+    # 2. p2p_communication._communicate and filesystem_async.preload_tensors wait on the GPU.
     torch.cuda.synchronize = lambda device=None: None
-    # MoEAlltoAllTokenDispatcher copies token counts to the host on a side stream...
+    # 3. MoEAlltoAllTokenDispatcher copies token counts to the host on a side stream...
     torch.cuda.Stream = _CpuStream
     torch.cuda.current_stream = lambda device=None: _CpuStream()
-    # ...and converts the all-to-all split sizes to numpy only for CUDA tensors.
+    # 4. ...and converts the all-to-all split sizes to numpy only for CUDA tensors.
     token_dispatcher.maybe_move_tensor_to_cpu = _to_host
-    # model_parallel_cuda_manual_seed() and CudaRNGStatesTracker.add() seed/read the device RNG.
+    # 5. model_parallel_cuda_manual_seed() and CudaRNGStatesTracker.add() seed/read the device RNG.
     torch.cuda.manual_seed = _cpu_manual_seed
     torch.cuda.get_rng_state = _get_cpu_rng_state
-    # CudaRNGStatesTracker.fork() swaps "device" RNG states through these private helpers.
+    # 6. CudaRNGStatesTracker.fork() swaps "device" RNG states through these private helpers.
     mcore_random._get_cuda_rng_state = _get_cpu_rng_state
     mcore_random._set_cuda_rng_state = _set_cpu_rng_state
-    # fork() warns whenever the CPU RNG moves inside it, which on CPU is the point of forking.
+    # 7. fork() warns whenever the CPU RNG moves inside it, which on CPU is the point of forking.
     logging.getLogger(mcore_random.__name__).addFilter(_DropForkWarning())
-    # get_gpt_layer_local_spec() without Apex uses WrappedTorchNorm, which rejects SP.
+    # 8. get_gpt_layer_local_spec() without Apex uses WrappedTorchNorm, which rejects SP.
     WrappedTorchNorm.__new__ = _marking_sequence_parallel(WrappedTorchNorm.__new__)
-    # RouterGatingLinearFunction tests `te_general_gemm is not None`, a name bound only with TE.
+    # 9. RouterGatingLinearFunction tests `te_general_gemm is not None`, bound only with TE.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
-    # Activation recompute re-runs forward code inside autograd's backward, where no torch
+    # 10. Activation recompute re-runs forward code inside autograd's backward, where no torch
     # function mode is active.
     mcore_random.CheckpointFunction.backward = staticmethod(
         _under_cpu_mode(mcore_random.CheckpointFunction.backward)
@@ -239,54 +257,6 @@ def enable_cpu_megatron(*, function_mode: bool = True) -> None:
     mcore_random.CheckpointWithoutOutput._recompute = _under_cpu_mode(
         mcore_random.CheckpointWithoutOutput._recompute
     )
-    _enabled = True
-
-
-def initialize_distributed(
-    tensor_model_parallel_size: int = 1,
-    pipeline_model_parallel_size: int = 1,
-    virtual_pipeline_model_parallel_size: int | None = None,
-    context_parallel_size: int = 1,
-    expert_model_parallel_size: int = 1,
-    seed: int = 1234,
-    function_mode: bool = True,
-) -> None:
-    """Set up torch.distributed (from torchrun env vars), megatron's parallel state and RNG;
-    ``function_mode`` as in ``enable_cpu_megatron``."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        enable_cpu_megatron(function_mode=function_mode)
-    if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", "0"))
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if not on_cpu:
-            torch.cuda.set_device(
-                int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-            )
-        dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl", rank=rank, world_size=world_size
-        )
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
-        context_parallel_size=context_parallel_size,
-        expert_model_parallel_size=expert_model_parallel_size,
-    )
-    # Same CPU seed on every rank, so use_cpu_initialization builds identical master weights.
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def destroy_distributed() -> None:
-    """Tear down megatron's parallel state and the default process group."""
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,10 +297,10 @@ def _with_own_generator(build_loader: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def enable_cpu_megatron_training() -> None:
-    """`enable_cpu_megatron()` plus what Megatron-LM's trainer needs on a CPU (see the module
-    docstring); idempotent, a no-op with CUDA."""
-    global _training_enabled
-    if torch.cuda.is_available() or _training_enabled:
+    """``enable_cpu_megatron()`` plus what Megatron-LM's trainer needs on a CPU (see the module
+    docstring); idempotent, and a no-op with CUDA. Logs a warning the first time it patches."""
+    global _training_patched
+    if torch.cuda.is_available() or _training_patched:
         return
     enable_cpu_megatron()
     from megatron.training import arguments, initialize, training
@@ -348,4 +318,9 @@ def enable_cpu_megatron_training() -> None:
         pass
     else:
         fused_kernels.load = lambda args: None
-    _training_enabled = True
+    _training_patched = True
+    _log.warning(
+        "no CUDA device: Megatron-LM's trainer runs on the CPU through %s, which also replaces "
+        "parts of megatron.training (its docstring lists them)",
+        __name__,
+    )

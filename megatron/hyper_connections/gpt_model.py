@@ -4,6 +4,11 @@ A drop-in subclass with the same constructor. Given megatron-core's standard lay
 (local or Transformer Engine, dense or MoE) it builds hyper-connection layers when
 ``config.use_hyper_connections`` is set; the caller's spec is not changed. Otherwise it is
 megatron-core's model exactly.
+
+Multi-token prediction (``mtp_num_layers``, ``mtp_block_spec``): the decoder reduces its
+streams before the final norm, so the MTP block receives the single-stream hidden state of a
+residual decoder and its layers stay megatron-core's residual layers. At init the model, MTP
+losses included, is the residual model's.
 """
 
 from collections.abc import Mapping
@@ -15,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from .checkpointing import HC_RECORD_KEY, hyper_connection_record, pop_hyper_connection_record
-from .layer_specs import get_hyper_connection_spec
+from .layer_specs import get_hyper_connection_spec, has_hyper_connection_layers
 from .transformer_block import enable_hyper_connections
 
 __all__ = ["GPTModel"]
@@ -30,6 +35,15 @@ class GPTModel(MCoreGPTModel):
         use_hc = getattr(config, "use_hyper_connections", False)
         if use_hc:
             transformer_layer_spec = get_hyper_connection_spec(transformer_layer_spec)
+            if has_hyper_connection_layers(kwargs.get("mtp_block_spec")):
+                # The MTP block reads the decoder's output, which is the reduced single-stream
+                # state: its layers are residual layers.
+                raise ValueError(
+                    "mtp_block_spec has hyper-connection layers; multi-token prediction layers "
+                    "are residual layers on the reduced hidden state: build the MTP block spec "
+                    "from megatron-core's layer spec (get_gpt_mtp_block_spec(config, "
+                    "get_gpt_layer_local_spec(), ...)), not from a hyper-connection spec"
+                )
         super().__init__(config, transformer_layer_spec, *args, **kwargs)
         if use_hc:
             enable_hyper_connections(self.decoder)

@@ -28,33 +28,35 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import triton_kernels
-from .autograd import DepthConnection, SavedState, StateChain, WidthConnection
+from .autograd import Ops, SavedState, StateChain, TorchOps
+from .backends import COMPILED, PYTORCH, Backend, log_once, select_backend
 from .metrics import log_amax
 from .projection import Projection, rms_projection
-from .streams import Mixing, coefficient_dtype, depth_connection, width_connection
+from .streams import Mixing, coefficient_dtype
 
 __all__ = [
+    "DepthInputs",
     "HyperConnection",
     "HyperConnectionBase",
-    "Residual",
     "hc_coefficients",
     "hc_mixing",
 ]
 
 
-class Residual(NamedTuple):
-    """What the width connection hands to the depth connection of the same sublayer."""
+class DepthInputs(NamedTuple):
+    """What the width connection of a sublayer hands to the depth connection of the same
+    sublayer: the state and its coefficients, and how they were computed."""
 
     rows: Tensor
-    """X, the state viewed as [..., N, D]."""
+    """X, the state viewed as [T, N, D] (tokens flattened)."""
     h_post: Tensor
     h_res: Tensor
     saved: SavedState | None
-    """How X is kept for backward (memory-lean path), or None (reference path)."""
+    """How X is kept for backward (lean and fused backends), or None (pytorch backend)."""
+    backend: Backend
+    """The backend the width connection ran on, which the depth connection runs on too."""
 
 
 def hc_coefficients(
@@ -119,8 +121,9 @@ def compiled(function: Callable[..., Mixing]) -> Callable[..., Mixing]:
 class HyperConnectionBase(nn.Module):
     """What every variant shares: the two connections around a branch, and monitoring.
 
-    Subclasses own the parameters (``dynamic_proj`` is the projection weight, or None) and
-    define ``projection_inputs`` and ``coefficients``; the state is a flat ``[..., N*D]``.
+    Subclasses own the parameters (``dynamic_proj`` is the projection weight, or None), define
+    ``projection_inputs`` and ``coefficients``, and end their ``__init__`` with
+    ``choose_backend()``; the state is a flat ``[..., N*D]``.
     """
 
     def __init__(self, num_rows: int, row_size: int, dropout: float, layer_index: int) -> None:
@@ -133,83 +136,88 @@ class HyperConnectionBase(nn.Module):
         # Set by ``use_state_chain`` for the mHC paper's recomputation of the states.
         self.state_chain: StateChain | None = None
         self.chain_position = 0
-        self.use_compile = False
-        self.fused_kernels = False
+        # What was asked for; ``backend`` is what runs (see ``backends``).
+        self._compile_coefficients = False
+        self._fused_kernels = False
+        self.backend: Backend | None = None
+
+    def backend_options(self) -> dict:
+        """This module's arguments of ``backends.select_backend``."""
+        return {
+            "fused_kernels": self._fused_kernels,
+            "compile_coefficients": self._compile_coefficients,
+            "stream_dropout": self.dropout,
+        }
+
+    def choose_backend(self) -> None:
+        """(Re)choose ``backend`` from ``backend_options()``; a fallback is logged once."""
+        self.backend = select_backend(**self.backend_options())
+        if self.backend.fallback:
+            log_once(f"{type(self).__name__}: {self.backend!r}")
+        if self.state_chain is not None:
+            self.use_state_chain(self.state_chain, self.chain_position)
 
     def use_state_chain(self, chain: StateChain | None, position: int) -> None:
         """Keep this sublayer's state for backward only at block starts of ``chain``, where
         ``position`` is this sublayer's index among those sharing the chain."""
+        if chain is not None and self.backend.name == PYTORCH:
+            raise ValueError(
+                f"a state chain needs the lean or fused backend, got the {self.backend!r}"
+            )
         self.state_chain, self.chain_position = chain, position
 
-    def mixing(self, rows: Tensor) -> Mixing:
-        """H_pre, H_post, H_res (fp32) for the state viewed as rows [..., N, D]."""
-        dtype = coefficient_dtype(rows)
-        return self.coefficients(self.project(rows, dtype), dtype)
-
     def compile_coefficients(self) -> None:
-        """Run the coefficient computation through ``torch.compile``: on the PyTorch path it is
-        dozens of small per-token ops (hundreds for mHC's Sinkhorn iterations) that compile
-        into a few fused kernels, forward and backward."""
-        self.use_compile = True
+        """Run the coefficient computation through ``torch.compile``: in PyTorch it is dozens
+        of small per-token ops (hundreds for mHC's Sinkhorn iterations) that compile into a
+        few fused kernels, forward and backward."""
+        self._compile_coefficients = True
+        self.choose_backend()
 
     def use_fused_kernels(self) -> None:
-        """Use the Triton kernels of ``triton_kernels`` wherever they apply to the tensors at
-        hand (CUDA, fp32/bf16/fp16); the PyTorch path does the rest."""
-        self.fused_kernels = True
+        """Run the connections on the Triton kernels of ``kernels`` (the fused backend), where
+        ``backends.select_backend`` allows it."""
+        self._fused_kernels = True
+        self.choose_backend()
 
-    def fused(self, *tensors: Tensor | None) -> bool:
-        """Whether the Triton kernels are asked for and can run on ``tensors``."""
-        return self.fused_kernels and triton_kernels.supported(*tensors)
+    def coefficient_function(
+        self, function: Callable[..., Mixing], backend: Backend
+    ) -> Callable[..., Mixing]:
+        """``function`` (a pure coefficient function), compiled if ``backend`` says so."""
+        return compiled(function) if backend.coefficients == COMPILED else function
 
-    def coefficient_function(self, function: Callable[..., Mixing]) -> Callable[..., Mixing]:
-        """``function`` (a pure coefficient function), compiled if asked for."""
-        return compiled(function) if self.use_compile else function
+    def mixing(self, rows: Tensor, backend: Backend | None = None) -> Mixing:
+        """H_pre, H_post, H_res (fp32) for the state viewed as rows [..., N, D], with plain
+        autograd through the projection; the coefficients as ``backend`` (default: this
+        module's) computes them."""
+        dtype = coefficient_dtype(rows)
+        backend = backend or self.backend
+        return self.coefficients(self.project(rows, dtype, TorchOps), dtype, backend)
 
-    def project(self, rows: Tensor, dtype: torch.dtype) -> Projection | None:
-        """The dynamic projection of the state (see ``projection``), None when static."""
+    def project(self, rows: Tensor, dtype: torch.dtype, ops: Ops) -> Projection | None:
+        """The dynamic projection of the state (see ``projection``) with ``ops``, in ``dtype``;
+        None when static."""
         if self.dynamic_proj is None:
             return None
-        weight = self.dynamic_proj.to(dtype)
-        if self.fused(rows, weight):  # one pass over X for the product and the norm
-            proj, inv_rms = triton_kernels.rms_projection(
-                self.projection_inputs(rows), weight, self.eps
-            )
-            return Projection(proj, inv_rms.unsqueeze(-1))
-        return rms_projection(self.projection_inputs(rows.to(dtype)), weight, self.eps)
-
-    def branch_input(self, rows: Tensor, h_pre: Tensor) -> Tensor:
-        """h0 = H_pre X, [..., k*D] in the state's dtype."""
-        if self.fused(rows, h_pre):
-            return triton_kernels.width_connection(rows, h_pre)
-        return width_connection(rows.to(h_pre.dtype), h_pre).to(rows.dtype)
+        return ops.project(self.projection_inputs(rows), self.dynamic_proj.to(dtype), self.eps)
 
     def projection_inputs(self, rows: Tensor) -> Tensor:
         """The vectors that are RMS-normalised and projected, [..., R, K], from [..., N, D]."""
         raise NotImplementedError
 
-    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
-        """H_pre, H_post, H_res in ``dtype`` from the state's projection."""
+    def coefficients(
+        self, projection: Projection | None, dtype: torch.dtype, backend: Backend
+    ) -> Mixing:
+        """H_pre, H_post, H_res in ``dtype`` from the state's projection, as ``backend``
+        computes them."""
         raise NotImplementedError
 
-    def width_connection(self, state: Tensor) -> tuple[Tensor, Residual]:
+    def width_connection(self, state: Tensor) -> tuple[Tensor, DepthInputs]:
         """Branch input h0 = H_pre X [..., k*D], and what ``depth_connection`` needs."""
         # Tokens flattened to one batch dimension: the stream matmuls become plain bmm calls
         # (a 4-D matmul is several times slower on CPU).
         rows = state.reshape(-1, self.num_rows, self.row_size)
-        if self._memory_lean():
-            saved = (
-                SavedState(rows)
-                if self.state_chain is None
-                else self.state_chain.state_for(self.chain_position, rows)
-            )
-            branch_input, h_post, h_res = WidthConnection.apply(
-                self, rows, saved, *self.parameters()
-            )
-        else:  # the reference path: plain autograd, or no autograd at all
-            saved = None
-            mixing = self.mixing(rows)
-            h_post, h_res = mixing.h_post, mixing.h_res
-            branch_input = self.branch_input(rows, mixing.h_pre)
+        backend = self.backend.for_tensors(rows, *self.parameters())
+        branch_input, h_post, h_res, saved = backend.width(self, rows)
         # Kept (detached, no copy) for monitoring; read only when metrics are asked for.
         per_token = h_res.dim() == 3
         self._last_h_res = (
@@ -218,66 +226,32 @@ class HyperConnectionBase(nn.Module):
             else h_res.detach()
         )
         branch_input = branch_input.view(*state.shape[:-1], -1)
-        return branch_input, Residual(rows, h_post, h_res, saved)
+        return branch_input, DepthInputs(rows, h_post, h_res, saved, backend)
 
     def depth_connection(
         self,
         branch_output: Tensor,
-        residual: Residual,
+        depth_inputs: DepthInputs,
         bias: Tensor | None = None,
-        dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
         seed: int | None = None,
     ) -> Tensor:
         """New state X' = H_res X + H_post^T y, [..., N*D] in the state's dtype, with
-        y = dropout(branch_output + bias): the residual layer's bias-dropout-add merged in.
+        y = dropout(branch_output + bias): the residual layer's bias-dropout-add merged in,
+        ``hidden_dropout`` applied in training only.
 
-        ``seed`` seeds the fused kernel's dropout mask (drawn from torch's CPU generator when
-        None); the PyTorch path uses torch's dropout.
+        ``seed`` seeds the fused backend's dropout mask (drawn from torch's CPU generator when
+        None); the other backends use torch's dropout.
         """
-        rows, h_post, h_res, saved = residual
         lead = branch_output.shape[:-1]
-        branch_output = branch_output.reshape(rows.shape[0], -1)
-        # The fused kernel keeps X itself, so it gives way to the state chain; it has no
-        # per-row HC dropout.
-        if (
-            self.state_chain is None
-            and self.dropout == 0.0
-            and self.fused(rows, branch_output, bias, h_res)
-        ):
-            if seed is None:  # drawn only when a mask is needed, not to shift the RNG otherwise
-                seed = int(torch.randint(2**31 - 1, ())) if dropout > 0.0 and self.training else 0
-            new_state = triton_kernels.depth_connection(
-                rows, branch_output, bias, h_post, h_res, dropout, self.training, seed
-            )
-            return new_state.view(*lead, -1)
-        if bias is not None:
-            branch_output = branch_output + bias
-        if dropout > 0.0 and self.training:
-            branch_output = F.dropout(branch_output, p=dropout, training=True)
-        if saved is None:
-            compute = h_res.dtype
-            new_state = depth_connection(
-                rows.to(compute),
-                branch_output.to(compute),
-                h_post,
-                h_res,
-                dropout=self.dropout,
-                training=self.training,
-            )
-            return new_state.to(rows.dtype).view(*lead, -1)
-        new_state = DepthConnection.apply(rows, branch_output, h_post, h_res, saved)
-        if self.state_chain is not None:
-            recipe = SavedState(previous=saved, branch_output=branch_output)
-            self.state_chain.record_output(new_state, recipe)
-        return new_state.view(*lead, -1)
-
-    def _memory_lean(self) -> bool:
-        # The lean functions have no dropout inside the depth connection.
-        return torch.is_grad_enabled() and not (self.dropout > 0.0 and self.training)
+        out = branch_output.reshape(depth_inputs.rows.shape[0], -1)
+        hidden_dropout = hidden_dropout if self.training else 0.0
+        backend = depth_inputs.backend
+        return backend.depth(self, depth_inputs, out, bias, hidden_dropout, seed).view(*lead, -1)
 
     def forward(self, state: Tensor, branch: Callable[[Tensor], Tensor]) -> Tensor:
-        branch_input, residual = self.width_connection(state)
-        return self.depth_connection(branch(branch_input), residual)
+        branch_input, depth_inputs = self.width_connection(state)
+        return self.depth_connection(branch(branch_input), depth_inputs)
 
     def last_h_res(self) -> Tensor | None:
         """H_res of the last forward pass ([..., N, N], detached), or None before the first."""
@@ -301,8 +275,8 @@ class HyperConnection(HyperConnectionBase):
     ``[..., C]``; ``streams.reduce_streams`` turns it back). Typical use::
 
         hc = HyperConnection(hidden_size=C, num_residual_streams=4, layer_index=i)
-        branch_input, residual = hc.width_connection(state)   # [..., C]
-        state = hc.depth_connection(branch(branch_input), residual)
+        branch_input, depth_inputs = hc.width_connection(state)   # [..., C]
+        state = hc.depth_connection(branch(branch_input), depth_inputs)
         # or, equivalently: state = hc(state, branch)
 
     Args:
@@ -313,7 +287,8 @@ class HyperConnection(HyperConnectionBase):
         dynamic: DHC (True) or SHC (False).
         use_tanh: tanh on the dynamic part (the paper's default) or not (its ablation).
         num_fracs: m > 1 gives Frac-Connections (requires n = 1 and m dividing C).
-        dropout: dropout on each stream's share of the branch output (see ``streams``).
+        dropout: dropout on each stream's share of the branch output (see ``streams``); a
+            module with dropout > 0 runs on the pytorch backend (see ``backends``).
         eps: epsilon of the RMS normalisation of the dynamic part.
     """
 
@@ -366,6 +341,7 @@ class HyperConnection(HyperConnectionBase):
             self.register_parameter("scale_pre_res", None)
             self.register_parameter("scale_post", None)
         self.reset_parameters()
+        self.choose_backend()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -386,11 +362,13 @@ class HyperConnection(HyperConnectionBase):
     def projection_inputs(self, rows: Tensor) -> Tensor:
         return rows  # every row is normalised and projected on its own
 
-    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+    def coefficients(
+        self, projection: Projection | None, dtype: torch.dtype, backend: Backend
+    ) -> Mixing:
         def f(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(dtype)
 
-        return self.coefficient_function(hc_coefficients)(
+        return self.coefficient_function(hc_coefficients, backend)(
             projection,
             f(self.static_pre),
             f(self.static_res),

@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from . import transformer_layer as hc_layers
 
-__all__ = ["get_hyper_connection_spec"]
+__all__ = ["get_hyper_connection_spec", "has_hyper_connection_layers"]
 
 _HC_LAYER_CLASSES = {TransformerLayer: hc_layers.HyperConnectionTransformerLayer}
 if hc_layers.MoETransformerLayer is not None:
@@ -58,3 +58,20 @@ def get_hyper_connection_spec(spec: ModuleSpec | TransformerBlockSubmodules):
         f"cannot add hyper-connections to a spec of {module.__name__}: "
         f"expected a TransformerLayer or MoETransformerLayer ModuleSpec, or a decoder block spec"
     )
+
+
+def has_hyper_connection_layers(spec: object) -> bool:
+    """Whether ``spec`` (any spec tree: a ``ModuleSpec``, submodules dataclass or list) builds
+    a hyper-connection layer somewhere."""
+    if isinstance(spec, ModuleSpec):
+        return spec.module in _HC_LAYER_CLASSES.values() or has_hyper_connection_layers(
+            spec.submodules
+        )
+    if isinstance(spec, list | tuple):
+        return any(has_hyper_connection_layers(item) for item in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return any(
+            has_hyper_connection_layers(getattr(spec, field.name))
+            for field in dataclasses.fields(spec)
+        )
+    return False

@@ -22,6 +22,14 @@ default), while c = 0 averages all streams at every sublayer (H_res = 1/n, the z
 choice). Proposal p starts with gates 0.01 / (p + 1): all proposals give the same
 coefficients at init, but their dynamic parts learn at different rates, which breaks the
 symmetry that identical copies would otherwise keep forever.
+
+mHC-lite (Yang and Gao, 2601.05732; ``h_res_parameterization="permutations"``): t_res holds n!
+logits u instead of n^2, from the same normalised projection, gate a_res and bias, and
+H_res = sum_k softmax(u)_k P_k over the n! permutation matrices (``permutations``): exactly
+doubly stochastic at any parameter values, no Sinkhorn iterations. H_pre and H_post as above.
+Its bias puts c on the identity permutation (0 on the others): the diagonal of H_res starts
+at ((n-1)! - 1 + e^c) / (n! - 1 + e^c), 0.77 for n = 4 and c = 4; residual-exact at init for
+any c, as above.
 """
 
 import math
@@ -29,8 +37,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import triton_kernels
+from .backends import TRITON, Backend
 from .hyper_connection import HyperConnectionBase
+from .permutations import MAX_STREAMS, num_permutations, permutation_mixture
 from .projection import Projection, rms_projection
 from .sinkhorn import sinkhorn_knopp
 from .streams import Mixing
@@ -44,16 +53,19 @@ def mhc_coefficients(
     gates: Tensor | None = None,
     sinkhorn_iters: int = 20,
     log_domain_sinkhorn: bool = False,
+    h_res_parameterization: str = "sinkhorn",
 ) -> Mixing:
     """H_pre, H_post, H_res from the token's ``Projection`` (None for static mHC).
 
     Args:
-        projection: x phi and 1 / r per token, [..., 1, P * (n^2 + 2n)] and [..., 1, 1].
-        bias: b, [P, n^2 + 2n] laid out as [pre (n) | post (n) | res (n*n, row-major)].
+        projection: x phi and 1 / r per token, [..., 1, P * W] and [..., 1, 1].
+        bias: b, [P, W] laid out as [pre (n) | post (n) | res (R)]: R = n*n H_res logits
+            (row-major) for ``"sinkhorn"``, R = n! permutation logits for ``"permutations"``.
         gates: [P, 3] = (a_pre, a_post, a_res) per proposal; None for the static variant.
     """
     num_proposals, width = bias.shape
-    n = math.isqrt(width + 1) - 1  # width = (n + 1)^2 - 1
+    n = num_streams(width, h_res_parameterization)
+    res_width = width - 2 * n
     t = bias
     if projection is not None:
         scaled = (projection.proj * projection.inv_rms).squeeze(-2)
@@ -63,16 +75,34 @@ def mhc_coefficients(
         gate = torch.cat(
             [
                 g.expand(num_proposals, size)
-                for g, size in zip(gates.split(1, -1), (n, n, n * n), strict=True)
+                for g, size in zip(gates.split(1, -1), (n, n, res_width), strict=True)
             ],
             dim=-1,
         )
         t = gate * proj + bias
-    t_pre, t_post, t_res = t.split([n, n, n * n], dim=-1)
+    t_pre, t_post, t_res = t.split([n, n, res_width], dim=-1)
     h_pre = torch.sigmoid(t_pre).mean(dim=-2)
     h_post = (2.0 * torch.sigmoid(t_post)).mean(dim=-2)
-    h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), sinkhorn_iters, log_domain_sinkhorn)
+    if h_res_parameterization == "permutations":
+        h_res = permutation_mixture(t_res, n)
+    else:
+        h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), sinkhorn_iters, log_domain_sinkhorn)
     return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=h_post, h_res=h_res.mean(dim=-3))
+
+
+def coefficient_width(n: int, h_res_parameterization: str = "sinkhorn") -> int:
+    """W, the logits per proposal: n for H_pre, n for H_post, and n*n (Sinkhorn) or n!
+    (permutations) for H_res."""
+    if h_res_parameterization == "permutations":
+        return 2 * n + num_permutations(n)
+    return n * n + 2 * n
+
+
+def num_streams(width: int, h_res_parameterization: str = "sinkhorn") -> int:
+    """n from the logits per proposal W (``coefficient_width``'s inverse)."""
+    if h_res_parameterization == "permutations":
+        return next(n for n in range(1, MAX_STREAMS + 1) if 2 * n + num_permutations(n) == width)
+    return math.isqrt(width + 1) - 1  # W = (n + 1)^2 - 1
 
 
 def mhc_mixing(
@@ -83,17 +113,20 @@ def mhc_mixing(
     sinkhorn_iters: int = 20,
     log_domain_sinkhorn: bool = False,
     eps: float = 1e-5,
+    h_res_parameterization: str = "sinkhorn",
 ) -> Mixing:
     """The mHC coefficients of ``state`` [..., n, C], as H_pre, H_post, H_res.
 
     Args:
-        dynamic_proj: phi, [nC, P * (n^2 + 2n)]; None for the static variant (t = b).
+        dynamic_proj: phi, [nC, P * W]; None for the static variant (t = b).
         The others: as in ``mhc_coefficients``.
     """
     projection = None
     if dynamic_proj is not None:
         projection = rms_projection(state.flatten(-2).unsqueeze(-2), dynamic_proj, eps)
-    return mhc_coefficients(projection, bias, gates, sinkhorn_iters, log_domain_sinkhorn)
+    return mhc_coefficients(
+        projection, bias, gates, sinkhorn_iters, log_domain_sinkhorn, h_res_parameterization
+    )
 
 
 class ManifoldHyperConnection(HyperConnectionBase):
@@ -120,6 +153,7 @@ class ManifoldHyperConnection(HyperConnectionBase):
         log_domain_sinkhorn: bool = False,
         num_proposals: int = 1,
         h_res_bias_init: float = 4.0,
+        h_res_parameterization: str = "sinkhorn",
         dropout: float = 0.0,
         eps: float = 1e-5,
         layer_index: int = 0,
@@ -127,6 +161,16 @@ class ManifoldHyperConnection(HyperConnectionBase):
     ) -> None:
         if num_residual_streams < 2:
             raise ValueError(f"mHC needs num_residual_streams >= 2, got {num_residual_streams}")
+        if h_res_parameterization not in ("sinkhorn", "permutations"):
+            raise ValueError(
+                f"h_res_parameterization must be 'sinkhorn' or 'permutations', got "
+                f"{h_res_parameterization!r}"
+            )
+        if h_res_parameterization == "permutations" and num_residual_streams > MAX_STREAMS:
+            raise ValueError(
+                f"h_res_parameterization='permutations' takes up to {MAX_STREAMS} streams "
+                f"(n! logits per token), got num_residual_streams={num_residual_streams}"
+            )
         if sinkhorn_iters < 1 or num_proposals < 1:
             raise ValueError(
                 f"sinkhorn_iters and num_proposals must be >= 1, got {sinkhorn_iters} "
@@ -140,9 +184,10 @@ class ManifoldHyperConnection(HyperConnectionBase):
         self.log_domain_sinkhorn = log_domain_sinkhorn
         self.num_proposals = num_proposals
         self.h_res_bias_init = h_res_bias_init
+        self.h_res_parameterization = h_res_parameterization
         self.eps = eps
 
-        width = n * n + 2 * n
+        width = coefficient_width(n, h_res_parameterization)
         factory = {"device": device, "dtype": torch.float32}
         self.bias = nn.Parameter(torch.empty(num_proposals, width, **factory))
         if dynamic:
@@ -154,6 +199,7 @@ class ManifoldHyperConnection(HyperConnectionBase):
             self.register_parameter("gates", None)
             self.register_parameter("dynamic_proj", None)
         self.reset_parameters()
+        self.choose_backend()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -161,7 +207,11 @@ class ManifoldHyperConnection(HyperConnectionBase):
         n = self.num_residual_streams
         b_pre = torch.full((n,), math.log(1.0 / (n - 1)))  # logit(1/n)
         b_post = torch.zeros(n)
-        b_res = self.h_res_bias_init * torch.eye(n).flatten()
+        if self.h_res_parameterization == "permutations":  # c on the identity permutation
+            b_res = torch.zeros(num_permutations(n))
+            b_res[0] = self.h_res_bias_init
+        else:
+            b_res = self.h_res_bias_init * torch.eye(n).flatten()
         self.bias.copy_(torch.cat([b_pre, b_post, b_res]).expand_as(self.bias))
         if self.dynamic_proj is not None:
             proposal = torch.arange(self.num_proposals, dtype=torch.float32)
@@ -171,30 +221,42 @@ class ManifoldHyperConnection(HyperConnectionBase):
     def projection_inputs(self, rows: Tensor) -> Tensor:
         return rows.flatten(-2).unsqueeze(-2)  # the whole token, n*C values
 
-    def coefficients(self, projection: Projection | None, dtype: torch.dtype) -> Mixing:
+    def backend_options(self) -> dict:
+        return {
+            **super().backend_options(),
+            "manifold": True,
+            "log_domain_sinkhorn": self.log_domain_sinkhorn,
+            "h_res_parameterization": self.h_res_parameterization,
+        }
+
+    def coefficients(
+        self, projection: Projection | None, dtype: torch.dtype, backend: Backend
+    ) -> Mixing:
         gates = None if self.gates is None else self.gates.to(dtype)
         bias = self.bias.to(dtype)
-        fused_inputs = () if projection is None else projection
-        if not self.log_domain_sinkhorn and self.fused(bias, *fused_inputs):
+        if backend.coefficients == TRITON:
             proj = inv_rms = None
             if projection is not None:  # [T, 1, P*W] and [T, 1, 1] -> [T, P, W] and [T]
                 proj = projection.proj.squeeze(-2).unflatten(-1, bias.shape)
                 inv_rms = projection.inv_rms.flatten(-3)
-            h_pre, h_post, h_res = triton_kernels.mhc_coefficients(
-                proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
+            return Mixing(
+                *backend.ops.mhc_coefficients(
+                    proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
+                )
             )
-            return Mixing(h_pre, h_post, h_res)
-        return self.coefficient_function(mhc_coefficients)(
+        return self.coefficient_function(mhc_coefficients, backend)(
             projection,
             bias,
             gates,
             sinkhorn_iters=self.sinkhorn_iters,
             log_domain_sinkhorn=self.log_domain_sinkhorn,
+            h_res_parameterization=self.h_res_parameterization,
         )
 
     def extra_repr(self) -> str:
         return (
             f"mHC, hidden_size={self.hidden_size}, streams={self.num_residual_streams}, "
+            f"h_res={self.h_res_parameterization}, "
             f"dynamic={self.dynamic_proj is not None}, sinkhorn_iters={self.sinkhorn_iters}, "
             f"log_domain={self.log_domain_sinkhorn}, proposals={self.num_proposals}"
         )

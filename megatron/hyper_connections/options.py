@@ -37,6 +37,7 @@ from typing import Any
 __all__ = [
     "HC",
     "MHC",
+    "MHC_LITE",
     "Option",
     "add_hyper_connection_arguments",
     "flag_of",
@@ -44,15 +45,19 @@ __all__ = [
     "hyper_connection_kwargs",
     "hyper_connection_options",
     "hyper_connection_variant",
+    "kind_of",
     "module_kwargs",
     "must_match_fields",
     "options_table",
 ]
 
+# The kinds of hyper-connection an option may apply to.
 HC = "HC"
-"""The ``HyperConnection`` module: dynamic or static HC, and Frac-Connections."""
+"""``HyperConnection``: dynamic or static HC, and Frac-Connections."""
 MHC = "mHC"
-"""The ``ManifoldHyperConnection`` module."""
+"""``ManifoldHyperConnection`` with H_res from Sinkhorn-Knopp."""
+MHC_LITE = "mHC-lite"
+"""``ManifoldHyperConnection`` with H_res a mixture of permutation matrices."""
 
 USE_HC = "use_hyper_connections"
 USE_MHC = "use_manifold_hyper_connections"
@@ -89,13 +94,13 @@ class Option:
     needs: str | None = USE_HC
     """The switch without which the option has no effect; set without it, it is refused.
     None for the switch ``use_hyper_connections`` itself."""
-    variants: tuple[str, ...] = (HC, MHC)
-    """The modules it applies to (``HC``, ``MHC``); set for another, it is refused."""
+    kinds: tuple[str, ...] = (HC, MHC, MHC_LITE)
+    """The kinds of hyper-connection it applies to; set for another, it is refused."""
     module_arg: str | None = None
     """The keyword argument of the modules' constructors that receives it."""
     must_match: bool = False
     """A checkpoint must have been made with the same value: the option decides which
-    parameters exist. (The variant, HC or mHC, static or dynamic, is always recorded.)"""
+    parameters exist. (The variant, its kind and static or dynamic, is always recorded.)"""
     allowed: Allowed | None = None
     """The values it may take, checked when the config is built."""
 
@@ -137,31 +142,30 @@ def _options(config_class: type) -> Iterator[tuple[dataclasses.Field, Option]]:
 
 
 def hyper_connection_variant(config: Any) -> str:
-    """``'residual'`` or ``'<dynamic|static> <HC|mHC|Frac>'`` for any (megatron-core) config:
-    the one name of a configuration's variant, in checkpoints and logs."""
+    """``'residual'`` or ``'<dynamic|static> <HC|Frac|mHC|mHC-lite>'`` for any (megatron-core)
+    config: the one name of a configuration's variant, in checkpoints and logs."""
     if not getattr(config, USE_HC, False):
         return "residual"
-    if getattr(config, USE_MHC):
-        kind = MHC
-    elif config.num_fracs > 1:
+    kind = kind_of(config)
+    if kind == HC and config.num_fracs > 1:
         kind = "Frac"
-    else:
-        kind = HC
     return f"{'dynamic' if config.hyper_connections_dynamic else 'static'} {kind}"
 
 
-def module_kind(config: Any) -> str:
-    """Which module the config's hyper-connections are: ``MHC`` or ``HC``."""
-    return MHC if getattr(config, USE_MHC) else HC
+def kind_of(config: Any) -> str:
+    """The kind of the config's hyper-connections: ``HC``, ``MHC`` or ``MHC_LITE``."""
+    if not getattr(config, USE_MHC):
+        return HC
+    return MHC_LITE if config.mhc_h_res_parameterization == "permutations" else MHC
 
 
 def module_kwargs(config: Any) -> dict[str, Any]:
     """The keyword arguments that the config's options give its HC or mHC modules."""
-    kind = module_kind(config)
+    kind = kind_of(config)
     return {
         option.module_arg: getattr(config, field.name)
         for field, option in _options(type(config))
-        if option.module_arg is not None and kind in option.variants
+        if option.module_arg is not None and kind in option.kinds
     }
 
 
@@ -190,21 +194,20 @@ def check_options(config: Any) -> None:
                 f"{option.needs}=True or leave {field.name} at its default {field.default!r}"
             )
     if getattr(config, USE_HC):
-        kind = module_kind(config)
+        kind = kind_of(config)
         for field, option in options:
             value = getattr(config, field.name)
-            if kind not in option.variants and value != field.default:
+            if kind not in option.kinds and value != field.default:
                 raise ValueError(
-                    f"{field.name}={value!r} is not supported with {USE_MHC}={kind == MHC}: it is "
-                    f"an option of {' and '.join(option.variants)} only; leave {field.name} at "
-                    f"its default {field.default!r}"
+                    f"{field.name}={value!r} has no effect on {kind} (it is an option of "
+                    f"{_words(option.kinds)}): leave {field.name} at its default "
+                    f"{field.default!r}"
                 )
     for field, option in options:
         value = getattr(config, field.name)
-        if option.allowed is not None and not option.allowed(value):
-            raise ValueError(
-                f"{field.name} must be {option.allowed.words}, got {field.name}={value!r}"
-            )
+        allowed = option.allowed or _choices(field)
+        if allowed is not None and not allowed(value):
+            raise ValueError(f"{field.name} must be {allowed.words}, got {field.name}={value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +252,8 @@ def add_hyper_connection_arguments(
             kwargs["action"] = "store_false" if field.default else "store_true"
             if field.default:
                 help_text = f"sets {field.name}=False: {help_text}"
+        elif _choices(field) is not None:
+            kwargs.update(type=kind, choices=typing.get_args(field.type))
         else:
             kwargs.update(type=kind, metavar=kind.__name__.upper())
         group.add_argument(flag, help=help_text.replace("``", "").replace("%", "%%"), **kwargs)
@@ -262,8 +267,18 @@ def hyper_connection_kwargs(args: argparse.Namespace, config_class: type | None 
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+def _choices(field: dataclasses.Field) -> Allowed | None:
+    """The values of a ``Literal`` field."""
+    if typing.get_origin(field.type) is not typing.Literal:
+        return None
+    values = typing.get_args(field.type)
+    return Allowed(" or ".join(map(repr, values)), lambda v: v in values)
+
+
 def _value_type(field: dataclasses.Field) -> type:
     kind = field.type
+    if typing.get_origin(kind) is typing.Literal:
+        return type(typing.get_args(kind)[0])
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
     return kind
@@ -301,7 +316,7 @@ def options_table(config_class: type | None = None) -> str:
         "|---|---|---|---|---|---|",
     ]
     for field, option in _options(config_class):
-        applies = " and ".join(option.variants)
+        applies = _words(option.kinds)
         if option.needs not in (None, USE_HC, USE_MHC):
             applies += f", with `{option.needs}`"
         meaning = _first_sentence(docs.get(field.name, ""))
@@ -312,6 +327,10 @@ def options_table(config_class: type | None = None) -> str:
             f"| {meaning} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _words(kinds: tuple[str, ...]) -> str:
+    return " and ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
 
 
 def _first_sentence(text: str) -> str:

@@ -29,7 +29,9 @@ class Projection(NamedTuple):
 
 
 def rms_projection(inputs: Tensor, weight: Tensor, eps: float) -> Projection:
-    """``Projection`` of the vectors ``inputs`` [..., R, K] with ``weight`` [K, M]."""
+    """``Projection`` of the vectors ``inputs`` [..., R, K] with ``weight`` [K, M], computed in
+    the weight's dtype."""
+    inputs = inputs.to(weight.dtype)
     # vector_norm reduces without materialising v^2 (a full copy of the state).
     norm = torch.linalg.vector_norm(inputs, dim=-1, keepdim=True)
     inv_rms = torch.rsqrt(norm.square() / inputs.shape[-1] + eps)
@@ -47,7 +49,10 @@ def rms_projection_backward(
     ``grad_inputs`` in place when given (a contiguous tensor shaped like ``inputs``):
 
         d inputs += d proj W^T - (d inv_rms inv_rms^3 / K) v,   d W = v^T d proj.
+
+    Computed in the weight's dtype, which ``grad_inputs`` has.
     """
+    inputs = inputs.to(weight.dtype)
     proj_grad = grad.proj.reshape(-1, grad.proj.shape[-1])
     if grad_inputs is not None:
         # A contiguous W^T: the skinny matmul can be several times slower on a view.

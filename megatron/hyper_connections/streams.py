@@ -7,8 +7,9 @@ token, so nothing is ever transposed. Hyper-Connections use N = n streams of D =
 Frac-Connections use N = m fractions of D = C / m values of one stream.
 
 Convention (the mHC paper's): H_res[i, j] weights source row j into destination row i.
-- width connection (branch input):  h0 = H_pre X          H_pre  [..., k, N] -> h0 [..., k*D]
-- depth connection (new state):     X' = H_res X + H_post^T y,  H_post [..., N], y [..., k*D]
+- ``branch_input`` (the width connection's math):  h0 = H_pre X,  H_pre [..., k, N] -> [..., k*D]
+- ``merge_branch_output`` (the depth connection's):  X' = H_res X + H_post^T y,  H_post [..., N],
+  y [..., k*D]
 k = 1 for Hyper-Connections (the branch reads one C-vector); k = N = m for Frac-Connections
 (the branch input is the m mixed fractions concatenated back to C values).
 """
@@ -21,12 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "BranchOutput",
     "Mixing",
+    "branch_input",
     "coefficient_dtype",
-    "depth_connection",
     "expand_streams",
+    "merge_branch_output",
     "reduce_streams",
-    "width_connection",
 ]
 
 
@@ -39,6 +41,19 @@ class Mixing(NamedTuple):
     """[..., N]: weight of the branch output added to each row of the state."""
     h_res: Tensor
     """[..., N, N]: residual mixing, destination rows."""
+
+
+class BranchOutput(NamedTuple):
+    """A branch's output as the depth connection receives it: y = dropout(out + bias)."""
+
+    out: Tensor
+    """[..., k*D]."""
+    bias: Tensor | None
+    """The branch's output bias [k*D], or None."""
+    hidden_dropout: float = 0.0
+    """The probability of dropping an element of out + bias now (0 outside training)."""
+    seed: int = 0
+    """The seed of that dropout's mask where the mask is regenerated from it (fused kernels)."""
 
 
 def coefficient_dtype(state: Tensor) -> torch.dtype:
@@ -66,12 +81,13 @@ def reduce_streams(state: Tensor, num_streams: int) -> Tensor:
     return einops.reduce(state, "... (n c) -> ... c", "mean", n=num_streams)
 
 
-def width_connection(state: Tensor, h_pre: Tensor) -> Tensor:
-    """h0 = H_pre X, flattened: state [..., N, D], h_pre [..., k, N] -> [..., k*D]."""
-    return torch.matmul(h_pre, state).flatten(-2)
+def branch_input(state: Tensor, h_pre: Tensor) -> Tensor:
+    """h0 = H_pre X, flattened: state [..., N, D], h_pre [..., k, N] -> [..., k*D]; computed in
+    the coefficients' dtype, returned in the state's."""
+    return torch.matmul(h_pre, state.to(h_pre.dtype)).flatten(-2).to(state.dtype)
 
 
-def depth_connection(
+def merge_branch_output(
     state: Tensor,
     branch_output: Tensor,
     h_post: Tensor,

@@ -36,14 +36,13 @@ def enable_hyper_connections(block: TransformerBlock) -> None:
     def expand_input(module: TransformerBlock, args: tuple, kwargs: dict):
         if not module.pre_process:
             return None  # later stages receive the expanded state from the previous stage
-        if args:
-            hidden_states, args = args[0], args[1:]
-        else:
-            hidden_states = kwargs.pop("hidden_states")
+        hidden_states = args[0] if args else kwargs["hidden_states"]
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
-        kwargs["hidden_states"] = expand_streams(hidden_states, num_streams)
-        return args, kwargs
+        expanded = expand_streams(hidden_states, num_streams)
+        if args:  # stays positional: as a keyword it would clash with attention_mask & co.
+            return (expanded, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": expanded}
 
     block.register_forward_pre_hook(expand_input, with_kwargs=True)
 

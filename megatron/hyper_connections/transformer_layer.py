@@ -14,9 +14,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch import Tensor
 
-from .hyper_connection import HyperConnection, HyperConnectionBase
+from .hyper_connection import DepthInputs, HyperConnection, HyperConnectionBase
 from .manifold_hyper_connection import ManifoldHyperConnection
-from .options import MHC, module_kind, module_kwargs
+from .options import HC, kind_of, module_kwargs
 
 try:  # megatron-core >= 0.16
     from megatron.core.transformer.transformer_layer import MoETransformerLayer
@@ -35,7 +35,7 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
     megatron-core's all-reduce over the tensor-parallel group.
     """
     device = None if config.use_cpu_initialization else torch.cuda.current_device()
-    module_class = ManifoldHyperConnection if module_kind(config) == MHC else HyperConnection
+    module_class = HyperConnection if kind_of(config) == HC else ManifoldHyperConnection
     module = module_class(
         config.hidden_size,
         layer_index=sublayer_index,
@@ -52,38 +52,39 @@ def build_hyper_connection(config, sublayer_index: int) -> HyperConnectionBase:
     return module
 
 
-class _DepthConnectionBDA:
+class _HyperConnectionBDA:
     """Stands in for a layer's bias-dropout-add (same call signature).
 
     megatron-core calls ``bda(training, fused)(output_with_bias, residual, prob)`` with the
     residual it was given, which for this layer is the branch input h0. The n-stream state
-    and its coefficients were kept by the width connection; they are consumed here.
+    and its coefficients (``depth_inputs``) were kept by the width connection; they are
+    consumed here by the depth connection.
     """
 
     def __init__(self, hyper_connection: HyperConnectionBase) -> None:
         self.hyper_connection = hyper_connection
-        self.residual = None
+        self.depth_inputs: DepthInputs | None = None
 
     def seed(self) -> int | None:
-        """The fused kernel's dropout seed: from torch's CPU generator, which megatron seeds
+        """The fused backend's dropout seed: from torch's CPU generator, which megatron seeds
         alike on the ranks of a tensor-parallel group, so offset by the rank there: under
         sequence parallelism each rank holds other tokens and needs its own mask (megatron's
         own bias-dropout-add forks its model-parallel RNG for the same reason)."""
-        if not self.hyper_connection.fused_kernels:
+        if not self.hyper_connection.backend.uses_dropout_seed:
             return None
         seed = int(torch.randint(2**31 - 1, ()))
         return (seed + 7919 * parallel_state.get_tensor_model_parallel_rank()) % (2**31 - 1)
 
     def __call__(self, training: bool, fused: bool):
-        del fused  # the depth connection has its own fused kernel (hyper_connections_fused_kernels)
+        del fused  # megatron's fused bias-dropout-add; the fused backend has its own kernel
 
         def merge(output_with_bias: tuple[Tensor, Tensor | None], _branch_input, prob: float):
             output, bias = output_with_bias
-            residual, self.residual = self.residual, None
-            dropout = prob if training else 0.0
-            seed = self.seed() if dropout > 0.0 else None
+            inputs, self.depth_inputs = self.depth_inputs, None
+            hidden_dropout = prob if training else 0.0
+            seed = self.seed() if hidden_dropout > 0.0 else None
             return self.hyper_connection.depth_connection(
-                output, residual, bias=bias, dropout=dropout, seed=seed
+                output, inputs, bias=bias, hidden_dropout=hidden_dropout, seed=seed
             )
 
         return merge
@@ -100,17 +101,19 @@ class HyperConnectionTransformerLayer(TransformerLayer):
         sublayer = 2 * (self.layer_number - 1)
         self.hyper_conn_attn = build_hyper_connection(self.config, sublayer)
         self.hyper_conn_mlp = build_hyper_connection(self.config, sublayer + 1)
-        self.self_attn_bda = _DepthConnectionBDA(self.hyper_conn_attn)
-        self.mlp_bda = _DepthConnectionBDA(self.hyper_conn_mlp)
+        self.self_attn_bda = _HyperConnectionBDA(self.hyper_conn_attn)
+        self.mlp_bda = _HyperConnectionBDA(self.hyper_conn_mlp)
 
     def _forward_attention(self, hidden_states: Tensor, *args, **kwargs):
-        branch_input, self.self_attn_bda.residual = self.hyper_conn_attn.width_connection(
+        branch_input, self.self_attn_bda.depth_inputs = self.hyper_conn_attn.width_connection(
             hidden_states
         )
         return super()._forward_attention(branch_input, *args, **kwargs)
 
     def _forward_mlp(self, hidden_states: Tensor, *args, **kwargs):
-        branch_input, self.mlp_bda.residual = self.hyper_conn_mlp.width_connection(hidden_states)
+        branch_input, self.mlp_bda.depth_inputs = self.hyper_conn_mlp.width_connection(
+            hidden_states
+        )
         return super()._forward_mlp(branch_input, *args, **kwargs)
 
 

@@ -8,7 +8,7 @@ the last rank.
 
 Megatron-LM's training loop has no hook between iterations, so the model reports: each forward
 pass of a chunk in training mode is counted, and the last one of a logged iteration on a rank
-(``num_microbatches`` per chunk) sends that stage's summaries (``stage_summaries``: small
+(``num_microbatches`` per chunk) sends that stage's summaries (``h_res_summary``: small
 tensors, no host sync) to the last rank, which writes the scalars. Between log intervals
 nothing is read from the device. The stages of the last rank's pipeline take part, over a
 process group of their own: a stage's last forward pass comes before the next stage's, so
@@ -29,7 +29,8 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.training import get_args, get_tensorboard_writer, get_wandb_writer
 from torch import Tensor
 
-from ..training.monitoring import SUBSAMPLE_TOKENS, stability_scalars, stage_summaries
+from ..hyper_connection import HyperConnectionBase
+from ..training.monitoring import SUBSAMPLE_TOKENS, h_res_summary, stability_scalars
 
 __all__ = ["StabilityLogger", "stability_logger"]
 
@@ -92,7 +93,13 @@ class StabilityLogger:
             self.report(iteration + 1)
 
     def report(self, iteration: int) -> None:
-        packed = self._pack(stage_summaries(self.chunks))
+        packed = self._pack(
+            {
+                module.layer_index: h_res_summary(module.last_h_res())  # on the device
+                for module in (m for chunk in self.chunks for m in chunk.modules())
+                if isinstance(module, HyperConnectionBase) and module.last_h_res() is not None
+            }
+        )
         if self.group is None:
             stages = [packed]
         elif dist.get_rank() != self.root:

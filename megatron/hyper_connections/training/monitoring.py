@@ -18,7 +18,8 @@ of the last micro-batch:
 - with ``--log-mhc-amax``, ``log_amax``: the log of the largest singular value of the
   token-averaged H_res (about 0 for mHC by construction).
 
-Tags: ``hyper-connections/forward_gain/composite_per_token/layer_03_mlp`` and the like, plus
+Tags (built by ``stability_tag`` and nowhere else):
+``hyper-connections/forward_gain/composite_per_token/layer_03_mlp`` and the like, plus
 ``.../max``, the largest over sublayers. The training scalars use Megatron-LM's tag names
 (``lm loss``, ``lm loss validation``, ``lm loss validation ppl``, ``learning-rate``,
 ``grad-norm``, ``batch-size``, ``iteration-time``, ``loss-scale``) and ``tokens-per-second``.
@@ -41,8 +42,9 @@ import datetime
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,17 +52,24 @@ from torch import Tensor
 
 from ..hyper_connection import HyperConnectionBase
 from ..metrics import composite, gains, log_amax
-from .arguments import args_as_dict
+from .parser import args_as_dict
 
 __all__ = [
+    "H_RES",
+    "JSONL_FILE",
+    "LOG_AMAX",
+    "MAX_OVER_SUBLAYERS",
     "SUBSAMPLE_TOKENS",
     "ScalarWriter",
     "StabilitySummary",
     "TrainingMonitor",
+    "gain_quantity",
+    "h_res_summary",
     "hyper_connection_stability",
     "is_logging_rank",
+    "per_sublayer",
     "stability_scalars",
-    "stage_summaries",
+    "stability_tag",
     "sublayer_name",
 ]
 
@@ -69,12 +78,19 @@ SUBSAMPLE_TOKENS = 64
 
 JSONL_FILE = "scalars.jsonl"
 
-# The gains the stability summary follows: label -> tag prefix (completed by the statistic).
+_TAG_ROOT = "hyper-connections"
+H_RES = "h_res"
+"""The quantity of the token-averaged H_res matrices (nested lists, JSONL only)."""
+LOG_AMAX = "log_amax"
+MAX_OVER_SUBLAYERS = "max"
+"""What stands for the sublayer in the tag of a quantity's largest value over sublayers."""
+
+# The gains the stability summary follows: label -> (direction, matrix) of ``gain_quantity``.
 _WATCHED_GAINS = {
-    "composite forward gain": "hyper-connections/forward_gain/composite",
-    "composite backward gain": "hyper-connections/backward_gain/composite",
-    "H_res forward gain": "hyper-connections/forward_gain/h_res",
-    "H_res backward gain": "hyper-connections/backward_gain/h_res",
+    "composite forward gain": ("forward", "composite"),
+    "composite backward gain": ("backward", "composite"),
+    "H_res forward gain": ("forward", "h_res"),
+    "H_res backward gain": ("backward", "h_res"),
 }
 
 _GAIN_KEYS = (
@@ -88,6 +104,33 @@ _GAIN_KEYS = (
 def sublayer_name(index: int) -> str:
     """``layer_03_mlp`` for sublayer 7: attention of (0-based) layer k is 2k, its MLP 2k + 1."""
     return f"layer_{index // 2:02d}_{'attn' if index % 2 == 0 else 'mlp'}"
+
+
+def gain_quantity(direction: str, matrix: str, statistic: str) -> str:
+    """``forward_gain/composite_per_token``: the ``direction`` ("forward", max absolute row sum,
+    or "backward", max absolute column sum) gain of ``matrix`` ("h_res" or "composite", the
+    product P_l) by ``statistic`` ("mean_matrix": of the token-averaged matrix, "per_token":
+    the mean of the tokens' gains)."""
+    return f"{direction}_gain/{matrix}_{statistic}"
+
+
+def stability_tag(quantity: str, sublayer: int | str = MAX_OVER_SUBLAYERS) -> str:
+    """The tag of ``quantity`` (a ``gain_quantity``, ``LOG_AMAX`` or ``H_RES``) at ``sublayer``,
+    an index (named by ``sublayer_name``) or a name: by default the largest over sublayers.
+    ``stability_tag(gain_quantity("forward", "composite", "per_token"), 7)`` is
+    ``hyper-connections/forward_gain/composite_per_token/layer_03_mlp``."""
+    name = sublayer_name(sublayer) if isinstance(sublayer, int) else sublayer
+    return f"{_TAG_ROOT}/{quantity}/{name}"
+
+
+_Value = TypeVar("_Value")
+
+
+def per_sublayer(record: Mapping[str, _Value], quantity: str) -> dict[int, _Value]:
+    """The values of ``quantity`` in ``record`` (tag -> value) by sublayer index."""
+    # Each sublayer has a tag of its own, so every index found is below len(record).
+    tags = ((index, stability_tag(quantity, index)) for index in range(len(record)))
+    return {index: record[tag] for index, tag in tags if tag in record}
 
 
 def is_logging_rank() -> bool:
@@ -125,10 +168,7 @@ def hyper_connection_stability(
         and ps.get_data_parallel_rank() == 0
     ):
         return {}
-    # On the CPU: this is where the device is synchronised.
-    local = {
-        i: {k: v.cpu() for k, v in s.items()} for i, s in stage_summaries(model_chunks).items()
-    }
+    local = _stage_summaries(model_chunks)
     if ps.get_pipeline_model_parallel_world_size() == 1:
         stages = [local]
     else:
@@ -148,34 +188,39 @@ def hyper_connection_stability(
     return stability_scalars(summaries, with_log_amax) if summaries else {}
 
 
-def stage_summaries(model_chunks: Sequence[torch.nn.Module]) -> dict[int, dict[str, Tensor]]:
-    """Per sublayer of this stage, from its last H_res: the token-averaged matrix ``mean``
-    [n, n], the ``gains`` (``_GAIN_KEYS`` and log_amax) and a fixed token ``sample`` [K, n, n],
-    on the device (no host sync)."""
-    summaries = {}
-    for module in (m for chunk in model_chunks for m in chunk.modules()):
-        if not isinstance(module, HyperConnectionBase) or module.last_h_res() is None:
-            continue
-        h_res = module.last_h_res()
-        tokens = h_res.reshape(-1, *h_res.shape[-2:]).float()  # static HC: one "token"
-        # Evenly spaced, so every stage picks the same tokens of the same micro-batch.
-        count = min(SUBSAMPLE_TOKENS, len(tokens))
-        picks = torch.linspace(0, len(tokens) - 1, count, device=tokens.device).round().long()
-        mean = tokens.mean(dim=0)
-        token_gains = gains(tokens)
-        summaries[module.layer_index] = {
-            "mean": mean,
-            "gains": torch.stack([*(token_gains[k] for k in _GAIN_KEYS), log_amax(mean)]),
-            "sample": tokens[picks],
-        }
-    return summaries
+def _stage_summaries(model_chunks: Sequence[torch.nn.Module]) -> dict[int, dict[str, Tensor]]:
+    """The ``h_res_summary`` of every sublayer of this stage, from its last H_res (on the CPU:
+    this is where the device is synchronised)."""
+    summaries = {
+        module.layer_index: h_res_summary(module.last_h_res())
+        for module in (m for chunk in model_chunks for m in chunk.modules())
+        if isinstance(module, HyperConnectionBase) and module.last_h_res() is not None
+    }
+    return {i: {k: v.cpu() for k, v in s.items()} for i, s in summaries.items()}
+
+
+def h_res_summary(h_res: Tensor) -> dict[str, Tensor]:
+    """What a sublayer's H_res [..., n, n] contributes to the stability scalars: the
+    token-averaged matrix ``mean`` [n, n], the ``gains`` (``_GAIN_KEYS`` and log_amax) and a
+    fixed token ``sample`` [K, n, n]."""
+    tokens = h_res.reshape(-1, *h_res.shape[-2:]).float()  # static HC: one "token"
+    # Evenly spaced, so every stage picks the same tokens of the same micro-batch.
+    count = min(SUBSAMPLE_TOKENS, len(tokens))
+    picks = torch.linspace(0, len(tokens) - 1, count, device=tokens.device).round().long()
+    mean = tokens.mean(dim=0)
+    token_gains = gains(tokens)
+    return {
+        "mean": mean,
+        "gains": torch.stack([*(token_gains[k] for k in _GAIN_KEYS), log_amax(mean)]),
+        "sample": tokens[picks],
+    }
 
 
 def h_res_matrices(summaries: dict[int, dict[str, Tensor]]) -> dict[str, list[list[float]]]:
     """The token-averaged H_res [n, n] of every sublayer as nested lists, tagged
     ``hyper-connections/h_res/layer_03_mlp`` and the like (JSONL only: not scalars)."""
     return {
-        f"hyper-connections/h_res/{sublayer_name(index)}": summaries[index]["mean"].tolist()
+        stability_tag(H_RES, index): summaries[index]["mean"].tolist()
         for index in sorted(summaries)
     }
 
@@ -183,22 +228,22 @@ def h_res_matrices(summaries: dict[int, dict[str, Tensor]]) -> dict[str, list[li
 def stability_scalars(
     summaries: dict[int, dict[str, Tensor]], with_log_amax: bool = False
 ) -> dict[str, float]:
-    """Tagged scalars from the per-sublayer summaries of ``stage_summaries``. Composites need
+    """Tagged scalars from the per-sublayer ``h_res_summary``s (index -> summary). Composites need
     every sublayer 0 .. 2L-1 and are left out otherwise."""
-    per_kind: dict[tuple[str, str], dict[str, float]] = {}
+    per_quantity: dict[str, dict[int, float]] = {}
 
-    def put(direction: str, kind: str, index: int, value: float) -> None:
-        per_kind.setdefault((direction, kind), {})[sublayer_name(index)] = value
+    def put(quantity: str, index: int, value: float) -> None:
+        per_quantity.setdefault(quantity, {})[index] = value
 
     indices = sorted(summaries)
     for index in indices:
         fwd_mean, bwd_mean, fwd_token, bwd_token, amax = summaries[index]["gains"].tolist()
-        put("forward", "h_res_mean_matrix", index, fwd_mean)
-        put("backward", "h_res_mean_matrix", index, bwd_mean)
-        put("forward", "h_res_per_token", index, fwd_token)
-        put("backward", "h_res_per_token", index, bwd_token)
+        put(gain_quantity("forward", "h_res", "mean_matrix"), index, fwd_mean)
+        put(gain_quantity("backward", "h_res", "mean_matrix"), index, bwd_mean)
+        put(gain_quantity("forward", "h_res", "per_token"), index, fwd_token)
+        put(gain_quantity("backward", "h_res", "per_token"), index, bwd_token)
         if with_log_amax:
-            put("log", "amax", index, amax)
+            put(LOG_AMAX, index, amax)
     samples = [summaries[i]["sample"] for i in indices]
     if indices == list(range(len(indices))) and len({s.shape for s in samples}) == 1:
         mean_products = composite([summaries[i]["mean"] for i in indices])
@@ -207,20 +252,22 @@ def stability_scalars(
             indices, mean_products, token_products, strict=True
         ):
             of_mean, of_tokens = gains(mean_product), gains(token_product)
-            put("forward", "composite_mean_matrix", index, float(of_mean["forward_mean_matrix"]))
-            put("backward", "composite_mean_matrix", index, float(of_mean["backward_mean_matrix"]))
-            put("forward", "composite_per_token", index, float(of_tokens["forward_per_token"]))
-            put("backward", "composite_per_token", index, float(of_tokens["backward_per_token"]))
+            for direction in ("forward", "backward"):
+                put(
+                    gain_quantity(direction, "composite", "mean_matrix"),
+                    index,
+                    float(of_mean[f"{direction}_mean_matrix"]),
+                )
+                put(
+                    gain_quantity(direction, "composite", "per_token"),
+                    index,
+                    float(of_tokens[f"{direction}_per_token"]),
+                )
 
     scalars = {}
-    for (direction, kind), values in per_kind.items():
-        family = (
-            "hyper-connections/log_amax"
-            if direction == "log"
-            else (f"hyper-connections/{direction}_gain/{kind}")
-        )
-        scalars.update({f"{family}/{name}": value for name, value in values.items()})
-        scalars[f"{family}/max"] = max(values.values())
+    for quantity, values in per_quantity.items():
+        scalars.update({stability_tag(quantity, index): value for index, value in values.items()})
+        scalars[stability_tag(quantity)] = max(values.values())
     return scalars
 
 
@@ -331,21 +378,16 @@ class StabilitySummary:
             self.best_validation is None or validation < self.best_validation[1]
         ):
             self.best_validation = (iteration, validation)
-        for label, prefix in _WATCHED_GAINS.items():
+        for label, (direction, matrix) in _WATCHED_GAINS.items():
             for statistic in ("mean_matrix", "per_token"):
-                family = f"{prefix}_{statistic}/"
-                values = {
-                    tag: value
-                    for tag, value in scalars.items()
-                    if tag.startswith(family) and not tag.endswith("/max")
-                }
+                values = per_sublayer(scalars, gain_quantity(direction, matrix, statistic))
                 if not values:
                     continue
-                tag = max(values, key=values.get)
+                index = max(values, key=values.get)
                 key = (label, statistic)
-                self.latest[key] = values[tag]
-                if key not in self.largest or values[tag] > self.largest[key][0]:
-                    self.largest[key] = (values[tag], iteration, tag.rsplit("/", 1)[1])
+                self.latest[key] = values[index]
+                if key not in self.largest or values[index] > self.largest[key][0]:
+                    self.largest[key] = (values[index], iteration, sublayer_name(index))
 
     def lines(self) -> list[str]:
         lines = []
@@ -444,17 +486,15 @@ class TrainingMonitor:
         line += (
             f"{tokens_per_second:,.0f} tokens/s | {1000 * seconds_per_step:.1f} ms/it | ETA {eta}"
         )
-        fwd = "hyper-connections/forward_gain/composite_{}/max"
-        bwd = "hyper-connections/backward_gain/composite_{}/max"
-        if fwd.format("per_token") in scalars:
+        largest = [
+            scalars.get(stability_tag(gain_quantity(direction, "composite", statistic)))
+            for direction in ("forward", "backward")
+            for statistic in ("mean_matrix", "per_token")
+        ]
+        if None not in largest:
             line += (
                 " | composite gain fwd {:.3f}/{:.3f} bwd {:.3f}/{:.3f} (max; mean matrix/per "
-                "token)".format(
-                    scalars[fwd.format("mean_matrix")],
-                    scalars[fwd.format("per_token")],
-                    scalars[bwd.format("mean_matrix")],
-                    scalars[bwd.format("per_token")],
-                )
+                "token)".format(*largest)
             )
         print(line, flush=True)
 
