@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import ProcessTree
 
 __all__ = [
     "CPU_FLAGS",
@@ -49,7 +50,7 @@ def torchrun(
     target: list[str], flags: list[str], log: Path, timeout: float = 300.0
 ) -> subprocess.CompletedProcess:
     """Run ``target`` (``["-m", module]`` or a script and its arguments) in 2 processes with
-    ``flags``; its output goes to ``log``. The whole process group is killed on a timeout."""
+    ``flags``, in ``log``'s directory; its output goes to ``log``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", *target, *flags]
     paths = [str(REPO), *([MEGATRON_LM_DIR] if MEGATRON_LM_DIR else [])]
@@ -61,16 +62,13 @@ def torchrun(
         # A checkout builds its dataset helpers with `python3 -m pybind11`: this interpreter.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
     }
-    with log.open("w") as out:
-        run = subprocess.Popen(
-            command, cwd=log.parent, env=env, stdout=out, stderr=out, start_new_session=True
-        )
-        try:
-            run.wait(timeout=timeout)
-        finally:
-            if run.poll() is None:
-                os.killpg(run.pid, signal.SIGKILL)
-                run.wait()
+    # Leaving the block kills whatever is left of the run (torchrun and its ranks), however the
+    # test ends: here on a timeout.
+    with (
+        log.open("w") as out,
+        ProcessTree(command, cwd=log.parent, env=env, stdout=out, stderr=out) as run,
+    ):
+        run.popen.wait(timeout=timeout)
     return subprocess.CompletedProcess(command, run.returncode, log.read_text(), "")
 
 
