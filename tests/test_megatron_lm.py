@@ -166,18 +166,30 @@ def test_checkpoint_of_another_hc_configuration_is_refused(runs, tmp_path):
     assert " iteration        1/" not in run.stdout  # refused before training
 
 
-# The flags of Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh (core_v0.19.0),
-# group by group, with the sizes shrunk. Two changes besides: the script's --global-batch-size
-# is left out, since Megatron-LM 0.19 refuses it beside --step-batch-size-schedule, and
-# --initial-loss-scale starts fp16's loss scale low enough for a 10-iteration run to step.
+def _batch_size_schedule() -> tuple[list[str], set[float]]:
+    """The example script's batch sizes as the trainer's release writes them, and the batch
+    sizes they give: core_v0.19.0's --step-batch-size-schedule (its --global-batch-size beside
+    it is left out: Megatron-LM 0.19 refuses the two together), else core_v0.16.1's
+    --global-batch-size (its --rampup-batch-size is left out: Megatron-LM 0.16 refuses it with
+    --train-iters)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    if "--step-batch-size-schedule" in parser._option_string_actions:
+        return ["--step-batch-size-schedule", "0:2 512:4"], {2.0, 4.0}
+    return ["--global-batch-size", "4"], {4.0}
+
+
+# The flags of Megatron-LM's examples/gpt3/train_gpt3_175b_distributed.sh, group by group, with
+# the sizes shrunk; besides, --initial-loss-scale starts fp16's loss scale low enough for a
+# 10-iteration run to step.
 EXAMPLE_175B = {
     "GPT_MODEL_ARGS": [
         *("--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"),
         *("--seq-length", "64", "--max-position-embeddings", "64", "--attention-backend", "auto"),
     ],
     "TRAINING_ARGS": [
-        *("--micro-batch-size", "1", "--step-batch-size-schedule", "0:2 512:4"),
-        *("--train-iters", str(ITERATIONS), "--weight-decay", "0.1"),
+        *("--micro-batch-size", "1", "--train-iters", str(ITERATIONS), "--weight-decay", "0.1"),
         *("--adam-beta1", "0.9", "--adam-beta2", "0.95", "--init-method-std", "0.006"),
         *("--clip-grad", "1.0", "--fp16", "--lr", "6.0e-5", "--lr-decay-style", "cosine"),
         *("--min-lr", "6.0e-6", "--lr-warmup-fraction", ".001", "--lr-decay-iters", "8"),
@@ -199,6 +211,8 @@ EXAMPLE_175B = {
 def test_megatron_lm_example_launch_script_flags_train_with_mhc(tmp_path):
     checkpoints, logs = tmp_path / "checkpoints", tmp_path / "tb"
     flags = [flag for group in EXAMPLE_175B.values() for flag in group]
+    batch_size_flags, batch_sizes = _batch_size_schedule()
+    flags += batch_size_flags
     flags += ["--save", str(checkpoints), "--load", str(checkpoints)]
     flags += ["--tensorboard-dir", str(logs), "--initial-loss-scale", "4096"]
     flags += [*VARIANTS["mhc"], *CPU_FLAGS]
@@ -206,7 +220,7 @@ def test_megatron_lm_example_launch_script_flags_train_with_mhc(tmp_path):
     logged = scalars(logs)
     losses = list(logged["lm loss"].values())
     assert len(losses) >= ITERATIONS - 2 and finite(losses), losses  # fp16 may skip a step
-    assert set(logged["batch-size"].values()) == {2.0, 4.0}  # the batch size schedule
+    assert set(logged["batch-size"].values()) == batch_sizes
     assert sorted(logged["hyper-connections/forward_gain/composite_per_token/max"]) == [5, 10]
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
 
