@@ -2,7 +2,7 @@
 one (the same autograd functions with PyTorch ops).
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before they are defined); the kernels' own tests are in test_triton_kernels.py.
+before they are defined); the kernels' own tests are in test_kernels.py.
 """
 
 import pytest
@@ -40,7 +40,9 @@ def _loss_and_grads(config):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}, saved
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx2-3proposals", "SHCx2"])
+@pytest.mark.parametrize(
+    "variant", ["DHCx4", "mHCx4", "mHCx2-3proposals", "SHCx2", "mHCx4-log", "mHCx4-lite"]
+)
 @pytest.mark.parametrize("recompute", [False, True], ids=["lean", "hc-recompute"])
 def test_fused_kernels_match_the_pytorch_path(variant, recompute):
     """Same loss, gradients and saved memory (the fused backend keeps what the lean one keeps,

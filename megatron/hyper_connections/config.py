@@ -111,11 +111,12 @@ class TransformerConfig(MCoreTransformerConfig):
     Sinkhorn, become a few fused kernels. Costs a compilation on the first steps."""
 
     hyper_connections_fused_kernels: bool = hc_option(False)
-    """Triton kernels for the coefficients (mHC), the width connection H_pre X and the depth
-    connection H_res X + H_post^T y merged with the bias-dropout-add, on CUDA tensors. Needs
-    Triton; the PyTorch path remains where a kernel does not apply (CPU tensors, fp64,
-    log-domain Sinkhorn, HC dropout, and the depth connection under
-    ``recompute_hyper_connections``, whose state chain the kernel would bypass)."""
+    """Triton kernels for every pass over the state (the RMS projection, the width connection
+    H_pre X, the depth connection H_res X + H_post^T y merged with the bias-dropout-add) and
+    for mHC's coefficients, on CUDA tensors, with the memory of the lean backend. Needs Triton.
+    ``backends.config_backend`` says what a configuration runs: per-stream dropout runs on
+    plain autograd, log-domain Sinkhorn keeps its coefficients in PyTorch, and tensors the
+    kernels cannot take (CPU, fp64) run on PyTorch ops; each such fallback is logged once."""
 
     mhc_sinkhorn_iters: int = hc_option(
         20, needs=USE_MHC, kinds=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT

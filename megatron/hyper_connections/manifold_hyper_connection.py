@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .backends import TRITON, Backend
 from .hyper_connection import HyperConnectionBase
+from .options import MHC, MHC_LITE, variant_name
 from .permutations import MAX_STREAMS, num_permutations, permutation_mixture
 from .projection import Projection, rms_projection
 from .sinkhorn import sinkhorn_knopp
@@ -254,9 +255,9 @@ class ManifoldHyperConnection(HyperConnectionBase):
         )
 
     def extra_repr(self) -> str:
+        kind = MHC_LITE if self.h_res_parameterization == "permutations" else MHC
         return (
-            f"mHC, hidden_size={self.hidden_size}, streams={self.num_residual_streams}, "
-            f"h_res={self.h_res_parameterization}, "
-            f"dynamic={self.dynamic_proj is not None}, sinkhorn_iters={self.sinkhorn_iters}, "
+            f"{variant_name(kind, self.dynamic_proj is not None)}, hidden_size={self.hidden_size}, "
+            f"streams={self.num_residual_streams}, sinkhorn_iters={self.sinkhorn_iters}, "
             f"log_domain={self.log_domain_sinkhorn}, proposals={self.num_proposals}"
         )
