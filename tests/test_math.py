@@ -180,6 +180,22 @@ def assert_close(actual: Tensor, expected: Tensor, what: str, tol: dict[str, flo
     )
 
 
+def check_module_against_reference(
+    module: HyperConnection | ManifoldHyperConnection, reference: Callable, layout: str
+) -> Tensor:
+    """The module's h0, X' and H_res (fp32) against ``reference`` (fp64) on a random state;
+    returns the module's H_res."""
+    state = random_state(module.num_rows * module.row_size, layout)
+    branch = make_branch(module.hidden_size)
+    branch_input, new_state = run_module(module, state, branch)
+    ref_h0, ref_state, ref_h_res = reference(module, state.double(), branch)
+    assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
+    assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
+    h_res = module.last_h_res().double().expand_as(ref_h_res)
+    assert_close(h_res, ref_h_res, "H_res", FP32_TOL)
+    return h_res
+
+
 def make_hc(n: int, m: int, dynamic: bool, use_tanh: bool, layer_index: int = 0) -> HyperConnection:
     return HyperConnection(
         HIDDEN,
@@ -214,17 +230,10 @@ def make_mhc(
 def test_hc_module_matches_reference(
     n: int, m: int, dynamic: bool, use_tanh: bool, layout: str
 ) -> None:
-    module = randomise(make_hc(n, m, dynamic, use_tanh))
-    state = random_state(n * HIDDEN, layout)
-    branch = make_branch(HIDDEN)
-
-    branch_input, new_state = run_module(module, state, branch)
-    ref_h0, ref_state, ref_h_res = hc_reference(module, state.double(), branch)
-
-    assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
-    assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
     # H_res = A_r(X)^T (destination rows): the transposition convention itself.
-    assert_close(module.last_h_res().double().expand_as(ref_h_res), ref_h_res, "H_res", FP32_TOL)
+    check_module_against_reference(
+        randomise(make_hc(n, m, dynamic, use_tanh)), hc_reference, layout
+    )
 
 
 @pytest.mark.parametrize(("n", "m", "dynamic", "use_tanh"), HC_VARIANTS)
@@ -258,15 +267,7 @@ def test_mhc_module_matches_reference(
     n: int, proposals: int, log_domain: bool, dynamic: bool, layout: str
 ) -> None:
     module = randomise(make_mhc(n, proposals, log_domain, dynamic))
-    state = random_state(n * HIDDEN, layout)
-    branch = make_branch(HIDDEN)
-
-    branch_input, new_state = run_module(module, state, branch)
-    ref_h0, ref_state, ref_h_res = mhc_reference(module, state.double(), branch)
-
-    assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
-    assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
-    assert_close(module.last_h_res().double().expand_as(ref_h_res), ref_h_res, "H_res", FP32_TOL)
+    check_module_against_reference(module, mhc_reference, layout)
 
 
 @pytest.mark.parametrize(("n", "proposals", "log_domain", "dynamic"), MHC_VARIANTS)
@@ -725,16 +726,7 @@ def test_mhc_lite_module_matches_reference(
     n: int, proposals: int, dynamic: bool, layout: str
 ) -> None:
     module = randomise(make_mhc_lite(n, proposals, dynamic))
-    state = random_state(n * HIDDEN, layout)
-    branch = make_branch(HIDDEN)
-
-    branch_input, new_state = run_module(module, state, branch)
-    ref_h0, ref_state, ref_h_res = mhc_reference(module, state.double(), branch)
-
-    assert_close(branch_input.double(), ref_h0, "branch input", FP32_TOL)
-    assert_close(new_state.double(), ref_state, "new state", FP32_TOL)
-    h_res = module.last_h_res().double().expand_as(ref_h_res)
-    assert_close(h_res, ref_h_res, "H_res", FP32_TOL)
+    h_res = check_module_against_reference(module, mhc_reference, layout)
     for dim in (-1, -2):  # exactly doubly stochastic, far from init
         assert (h_res.sum(dim=dim) - 1).abs().max() < 1e-6
 

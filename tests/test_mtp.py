@@ -2,6 +2,8 @@
 layers) reads the decoder's reduced single-stream output, so an HC model with MTP is the
 residual model with MTP at init, MTP losses included."""
 
+import math
+
 import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -35,7 +37,9 @@ def _step(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
     model.train()
     loss = lm_loss(model, lm_batch(seed=3))
     loss.backward()
-    mtp_losses = MTPLossLoggingHelper.tracker["values"].clone()
+    tracker = MTPLossLoggingHelper.tracker
+    # megatron-core 0.16 keeps them as "values", later releases as "loss_values".
+    mtp_losses = tracker.get("loss_values", tracker.get("values")).clone()
     MTPLossLoggingHelper.tracker.clear()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return loss.detach(), mtp_losses, grads
@@ -77,3 +81,54 @@ def test_mtp_block_of_hyper_connection_layers_is_refused() -> None:
     spec = get_gpt_mtp_block_spec(config, hc_layers, use_transformer_engine=False)
     with pytest.raises(ValueError, match=r"^mtp_block_spec has hyper-connection layers; "):
         build_gpt(config, mtp_block_spec=spec)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's --mtp-num-layers
+
+
+def _train_both(rank: int, world_size: int, runs: dict[str, list[str]]) -> None:
+    from megatron.hyper_connections.training.pretrain import main
+
+    for argv in runs.values():
+        main(argv)
+
+
+def test_trainer_trains_hc_with_mtp_from_the_residual_models_loss(tmp_path) -> None:
+    import json
+
+    from megatron.hyper_connections.training.monitoring import JSONL_FILE
+    from tests.distributed import run_distributed
+
+    common = [
+        *("--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"),
+        *("--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "4"),
+        *("--lr", "1e-2", "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0"),
+        *("--mtp-num-layers", "1", "--position-embedding-type", "rope"),
+        *("--data-cache-path", str(tmp_path / "cache")),
+    ]
+    variants = {
+        "residual": [],
+        "DHCx4": ["--use-hyper-connections", "--num-residual-streams", "4"],
+        "mHCx4-lite": [
+            *("--use-hyper-connections", "--num-residual-streams", "4"),
+            *("--use-manifold-hyper-connections", "--mhc-h-res-parameterization", "permutations"),
+        ],
+    }
+    runs = {
+        name: [*common, *flags, "--save", str(tmp_path / name)] for name, flags in variants.items()
+    }
+    run_distributed(_train_both, 1, runs, timeout=300)
+
+    def losses(name: str) -> list[float]:
+        lines = (tmp_path / name / JSONL_FILE).read_text().splitlines()
+        return [json.loads(line)["lm loss"] for line in lines if '"lm loss"' in line]
+
+    residual = losses("residual")
+    assert len(residual) == 4 and all(math.isfinite(loss) for loss in residual)
+    for name in ("DHCx4", "mHCx4-lite"):
+        hc = losses(name)
+        assert len(hc) == 4 and all(math.isfinite(loss) for loss in hc), hc
+        # HC is the residual network at init: the first step's loss is the same.
+        assert hc[0] == pytest.approx(residual[0], rel=1e-5), (name, hc, residual)
+        assert hc[-1] < hc[0], f"{name}: loss does not fall: {hc}"

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .autograd import Ops, SavedState, StateChain, TorchOps
 from .backends import COMPILED, PYTORCH, Backend, log_once, select_backend
 from .metrics import log_amax
+from .options import HC, variant_name
 from .projection import Projection, rms_projection
 from .streams import Mixing, coefficient_dtype
 
@@ -382,8 +383,8 @@ class HyperConnection(HyperConnectionBase):
         )
 
     def extra_repr(self) -> str:
-        kind = "Frac" if self.num_fracs > 1 else ("DHC" if self.dynamic_proj is not None else "SHC")
+        variant = variant_name(HC, self.dynamic_proj is not None, self.num_fracs)
         return (
-            f"{kind}, hidden_size={self.hidden_size}, streams={self.num_residual_streams}, "
+            f"{variant}, hidden_size={self.hidden_size}, streams={self.num_residual_streams}, "
             f"fracs={self.num_fracs}, tanh={self.use_tanh}, layer_index={self.layer_index}"
         )

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .backends import TRITON, Backend
 from .hyper_connection import HyperConnectionBase
+from .options import MHC, MHC_LITE, variant_name
 from .permutations import MAX_STREAMS, num_permutations, permutation_mixture
 from .projection import Projection, rms_projection
 from .sinkhorn import sinkhorn_knopp_tokens_last
@@ -248,10 +249,11 @@ class ManifoldHyperConnection(HyperConnectionBase):
             if projection is not None:  # [T, 1, P*W] and [T, 1, 1] -> [T, P, W] and [T]
                 proj = projection.proj.squeeze(-2).unflatten(-1, bias.shape)
                 inv_rms = projection.inv_rms.flatten(-3)
+            n = self.num_residual_streams
+            if self.h_res_parameterization == "permutations":
+                return Mixing(*backend.ops.mhc_lite_coefficients(proj, inv_rms, gates, bias, n))
             return Mixing(
-                *backend.ops.mhc_coefficients(
-                    proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
-                )
+                *backend.ops.mhc_coefficients(proj, inv_rms, gates, bias, n, self.sinkhorn_iters)
             )
         return self.coefficient_function(mhc_coefficients, backend)(
             projection,
@@ -263,9 +265,9 @@ class ManifoldHyperConnection(HyperConnectionBase):
         )
 
     def extra_repr(self) -> str:
+        kind = MHC_LITE if self.h_res_parameterization == "permutations" else MHC
         return (
-            f"mHC, hidden_size={self.hidden_size}, streams={self.num_residual_streams}, "
-            f"h_res={self.h_res_parameterization}, "
-            f"dynamic={self.dynamic_proj is not None}, sinkhorn_iters={self.sinkhorn_iters}, "
+            f"{variant_name(kind, self.dynamic_proj is not None)}, hidden_size={self.hidden_size}, "
+            f"streams={self.num_residual_streams}, sinkhorn_iters={self.sinkhorn_iters}, "
             f"log_domain={self.log_domain_sinkhorn}, proposals={self.num_proposals}"
         )

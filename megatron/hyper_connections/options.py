@@ -49,6 +49,7 @@ __all__ = [
     "module_kwargs",
     "must_match_fields",
     "options_table",
+    "variant_name",
 ]
 
 # The kinds of hyper-connection an option may apply to.
@@ -146,10 +147,14 @@ def hyper_connection_variant(config: Any) -> str:
     config: the one name of a configuration's variant, in checkpoints and logs."""
     if not getattr(config, USE_HC, False):
         return "residual"
-    kind = kind_of(config)
-    if kind == HC and config.num_fracs > 1:
+    return variant_name(kind_of(config), config.hyper_connections_dynamic, config.num_fracs)
+
+
+def variant_name(kind: str, dynamic: bool, num_fracs: int = 1) -> str:
+    """``'<dynamic|static> <HC|Frac|mHC|mHC-lite>'``: a variant's name from its kind."""
+    if kind == HC and num_fracs > 1:
         kind = "Frac"
-    return f"{'dynamic' if config.hyper_connections_dynamic else 'static'} {kind}"
+    return f"{'dynamic' if dynamic else 'static'} {kind}"
 
 
 def kind_of(config: Any) -> str:

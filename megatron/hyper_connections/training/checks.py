@@ -221,6 +221,19 @@ def _check_schedule(args: argparse.Namespace) -> None:
 
 
 def _check_optional_features(args: argparse.Namespace) -> None:
+    if args.mtp_num_layers is None and args.mtp_loss_scaling_factor is not None:
+        raise UsageError(
+            f"--mtp-loss-scaling-factor {args.mtp_loss_scaling_factor} has no effect without "
+            "--mtp-num-layers"
+        )
+    pp = args.pipeline_model_parallel_size
+    if args.mtp_num_layers and pp > 1 and args.position_embedding_type == "learned_absolute":
+        raise UsageError(
+            f"--mtp-num-layers {args.mtp_num_layers} with --pipeline-model-parallel-size {pp} "
+            "needs --position-embedding-type rope: megatron-core gives the MTP block on the "
+            "last stage its own copy of learned absolute position embeddings and does not keep "
+            "it in sync with the first stage's"
+        )
     moe_flags = {
         "--moe-router-topk": args.moe_router_topk,
         "--moe-token-dispatcher-type": args.moe_token_dispatcher_type,

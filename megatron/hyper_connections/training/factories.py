@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
@@ -110,6 +113,10 @@ def transformer_config(args: argparse.Namespace) -> Any:
         # Megatron-LM's p2p setting for the interleaved schedule (batched p2p pairs messages
         # wrongly when the previous and next stage are one rank).
         options.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    if args.mtp_num_layers is not None:
+        options["mtp_num_layers"] = args.mtp_num_layers
+        if args.mtp_loss_scaling_factor is not None:
+            options["mtp_loss_scaling_factor"] = args.mtp_loss_scaling_factor
     if args.num_experts is not None:
         options["num_moe_experts"] = args.num_experts
         for flag in ("moe_router_topk", "moe_token_dispatcher_type", "moe_aux_loss_coeff"):
@@ -184,16 +191,27 @@ def layer_spec(args: argparse.Namespace) -> ModuleSpec:
 
 def gpt_model(args: argparse.Namespace, config: Any, vp_stage: int | None = None) -> GPTModel:
     """The package's ``GPTModel`` of this rank's pipeline stage (virtual stage ``vp_stage``),
-    unwrapped: what a Megatron-LM ``model_provider`` returns."""
+    unwrapped: what a Megatron-LM ``model_provider`` returns. With ``--mtp-num-layers`` the
+    last stage holds megatron-core's MTP block, of its ordinary (residual) layers."""
+    spec = layer_spec(args)
+    mtp_block_spec = None
+    if args.mtp_num_layers:
+        mtp_block_spec = get_gpt_mtp_block_spec(
+            config,
+            spec,
+            use_transformer_engine=args.transformer_impl == "transformer_engine",
+            vp_stage=vp_stage,
+        )
     return GPTModel(
         config,
-        layer_spec(args),
+        spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type,
+        mtp_block_spec=mtp_block_spec,
         vp_stage=vp_stage,
     )
 

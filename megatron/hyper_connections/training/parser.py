@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformer_engine needs Transformer Engine and a GPU",
     )
 
+    g = parser.add_argument_group("multi-token prediction")
+    g.add_argument(
+        "--mtp-num-layers",
+        type=positive_int,
+        help="MTP layers (megatron-core's residual MTP block on the reduced hidden state)",
+    )
+    g.add_argument(
+        "--mtp-loss-scaling-factor",
+        type=non_negative_float,
+        help="weight of the MTP losses, averaged over the MTP layers; default: 0.1",
+    )
+
     g = add_hyper_connection_arguments(parser)
     g.add_argument(
         "--log-mhc-amax",
