@@ -32,7 +32,6 @@ at ((n-1)! - 1 + e^c) / (n! - 1 + e^c), 0.77 for n = 4 and c = 4; residual-exact
 any c, as above.
 """
 
-import functools
 import math
 
 import torch
@@ -82,11 +81,17 @@ def mhc_coefficients(
     return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=2.0 * h_post, h_res=h_res)
 
 
-@functools.cache
+_GATE_GROUPS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
 def _gate_groups(n: int, width: int, device: torch.device) -> Tensor:
-    """Which gate, 0 (a_pre), 1 (a_post) or 2 (a_res), scales each of the W logits."""
-    groups = [0] * n + [1] * n + [2] * (width - 2 * n)
-    return torch.tensor(groups, device=device)
+    """Which gate, 0 (a_pre), 1 (a_post) or 2 (a_res), scales each of the W logits; built once
+    per device (a dict, not functools.cache, which torch.compile warns about)."""
+    key = (n, width, device)
+    if key not in _GATE_GROUPS:
+        groups = [0] * n + [1] * n + [2] * (width - 2 * n)
+        _GATE_GROUPS[key] = torch.tensor(groups, device=device)
+    return _GATE_GROUPS[key]
 
 
 def _sinkhorn_mean(t_res: Tensor, n: int, num_iters: int, log_domain: bool) -> Tensor:
