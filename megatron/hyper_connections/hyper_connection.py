@@ -76,20 +76,17 @@ def hc_coefficients(
         static_pre: A_m [N, k]. static_res: A_r [N, N]. static_post: B [N].
         scale_pre_res: s_a, shared by A_m and A_r. scale_post: s_b.
     """
-    k, n = static_pre.shape[-1], static_res.shape[-1]
-    # [A_m | A_r | B] per row, and the dynamic part added in one pass: the three coefficient
-    # sets are one [N, k + N + 1] block, like the projection's columns.
-    coefficients = torch.cat([static_pre, static_res, static_post.unsqueeze(-1)], dim=-1)
+    a_pre, a_res, b = static_pre, static_res, static_post
     if projection is not None:
+        k, n = static_pre.shape[-1], static_res.shape[-1]
         d = projection.proj * projection.inv_rms
         if use_tanh:
             d = torch.tanh(d)
-        scale = torch.cat([scale_pre_res.expand(k + n), scale_post])  # [s_a ... s_a, s_b]
-        coefficients = torch.addcmul(coefficients, scale, d)
-    a_pre, a_res, b = coefficients.split([k, n, 1], dim=-1)
-    return Mixing(
-        h_pre=a_pre.transpose(-1, -2), h_post=b.squeeze(-1), h_res=a_res.transpose(-1, -2)
-    )
+        d_pre, d_res, d_post = d.split([k, n, 1], dim=-1)
+        a_pre = torch.addcmul(a_pre, scale_pre_res, d_pre)
+        a_res = torch.addcmul(a_res, scale_pre_res, d_res)
+        b = torch.addcmul(b, scale_post, d_post.squeeze(-1))
+    return Mixing(h_pre=a_pre.transpose(-1, -2), h_post=b, h_res=a_res.transpose(-1, -2))
 
 
 def hc_mixing(
