@@ -23,7 +23,7 @@ from megatron.hyper_connections.manifold_hyper_connection import (
     mhc_mixing,
 )
 from megatron.hyper_connections.metrics import backward_gain, forward_gain, log_amax
-from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
+from megatron.hyper_connections.sinkhorn import sinkhorn_knopp, sinkhorn_knopp_tokens_last
 from megatron.hyper_connections.streams import (
     branch_input,
     expand_streams,
@@ -482,6 +482,54 @@ def test_sinkhorn_exp_and_log_domain_agree_at_convergence() -> None:
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+@pytest.mark.parametrize("num_iters", [1, 2, 20])
+def test_sinkhorn_gradient_is_the_papers_through_every_iteration(
+    num_iters: int, log_domain: bool
+) -> None:
+    """The hand-written exp-domain backward (and the log-softmaxes') against autograd through
+    the paper's scalar iterations, matrix by matrix, for an upstream gradient that weights
+    every entry differently."""
+    logits = _leaf(3, 2, 4, 4, scale=1.5, seed=5)
+    upstream = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(6)).double()
+    (ours,) = torch.autograd.grad(sinkhorn_knopp(logits, num_iters, log_domain), logits, upstream)
+    flat, weights = logits.reshape(-1, 4, 4), upstream.reshape(-1, 4, 4)
+    paper = [
+        torch.autograd.grad(ref.sinkhorn(t, num_iters), t, w)[0]
+        for t, w in zip(flat, weights, strict=True)
+    ]
+    torch.testing.assert_close(ours, torch.stack(paper).view_as(ours), **FP64_TOL)
+
+
+def test_sinkhorn_tokens_last_is_the_same_function() -> None:
+    """The [n, n, tokens] layout the mHC coefficients use, with and without gradients."""
+    logits = _leaf(2, 3, 3, scale=2.0, seed=7)
+    tokens_last = logits.detach().permute(1, 2, 0).clone().requires_grad_()
+    h = sinkhorn_knopp_tokens_last(tokens_last, 5)
+    torch.testing.assert_close(h.permute(2, 0, 1), sinkhorn_knopp(logits, 5), **FP64_TOL)
+    with torch.no_grad():  # the in-place path the lean forward takes
+        torch.testing.assert_close(sinkhorn_knopp_tokens_last(tokens_last, 5), h, **FP64_TOL)
+    (grad,) = torch.autograd.grad(h, tokens_last, torch.ones_like(h) * torch.arange(2.0))
+    (expected,) = torch.autograd.grad(
+        sinkhorn_knopp(logits, 5),
+        logits,
+        torch.ones(2, 3, 3).double() * torch.arange(2.0)[:, None, None],
+    )
+    torch.testing.assert_close(grad.permute(2, 0, 1), expected, **FP64_TOL)
+
+
+def test_sinkhorn_exp_domain_keeps_an_underflowed_row_finite() -> None:
+    """A row far below every column's maximum underflows in the exp domain: the floor keeps
+    it (and its gradient) zero instead of NaN; the log domain normalises it."""
+    logits = torch.tensor([[0.0, 0.0], [-200.0, -200.0]], requires_grad=True)
+    h = sinkhorn_knopp(logits, 3)
+    torch.testing.assert_close(h, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    exact = sinkhorn_knopp(logits.detach(), 3, log_domain=True)
+    torch.testing.assert_close(exact, torch.full((2, 2), 0.5))
 
 
 @pytest.mark.parametrize("num_iters", [0, -1])
