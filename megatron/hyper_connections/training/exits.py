@@ -10,8 +10,12 @@
 - SIGTERM with ``--exit-signal-handler`` (what SLURM and most schedulers send before they
   preempt or time out a job), ``--exit-duration-in-mins`` and ``--exit-interval``: the current
   step finishes, a checkpoint is saved (with ``--save``) and the run ends normally (exit
-  status 0). A SIGTERM is remembered from the moment ``ExitConditions`` exists, set-up
-  included.
+  status 0). A SIGTERM is remembered from the moment ``ExitConditions`` is entered, set-up
+  included. SLURM signals every process of a job step and torchrun passes the signal on to
+  each rank's process group, which holds the processes the save needs (megatron-core's
+  checkpoint writers and the manager of their result queue) and the data loader's workers:
+  so SIGTERM is blocked in the rank and in every process it starts, and the check reads it
+  as pending; it never kills them (SIGKILL still does).
 
 What only some ranks see (the loss lives on the last pipeline stage, a gradient on its own
 rank, a signal or a clock on any rank) is combined by one all-reduce per step, of four flags,
@@ -25,6 +29,7 @@ import argparse
 import signal
 import time
 from collections.abc import Sequence
+from multiprocessing import resource_tracker
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -51,12 +56,19 @@ class ExitConditions:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.started = time.monotonic()  # --exit-duration-in-mins counts set-up too
-        self.signal_received = False
+        self._signalled = False
         self._previous_handler: Any = None
+        self._previous_mask: set[signal.Signals] = set()
 
     def __enter__(self) -> ExitConditions:
         if self.args.exit_signal_handler:
+            # Blocked here, the signal stays pending (``signal_received``); a thread that
+            # started earlier and does not block it runs the handler, which only notes it.
+            # multiprocessing unblocks SIGTERM after it starts its resource tracker (which
+            # ignores the signal itself): start that first.
+            resource_tracker.ensure_running()
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+            self._previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         return self
 
     def __exit__(
@@ -66,11 +78,18 @@ class ExitConditions:
         traceback: TracebackType | None,
     ) -> None:
         if self.args.exit_signal_handler:
+            # A pending SIGTERM reaches the handler as it is unblocked, not the old handler.
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous_mask)
             signal.signal(signal.SIGTERM, self._previous_handler)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Only a flag: the step in progress finishes, and the next check saves and exits.
-        self.signal_received = True
+        # Only a note: the step in progress finishes, and the next check saves and exits.
+        self._signalled = True
+
+    @property
+    def signal_received(self) -> bool:
+        """Whether this process has received SIGTERM since it entered."""
+        return self._signalled or signal.SIGTERM in signal.sigpending()
 
     def check_step(self, iteration: int, loss: Tensor, model: Sequence[Any]) -> str | None:
         """Check step ``iteration`` before its update: ``loss`` is this rank's [loss sum,
