@@ -64,6 +64,7 @@ def check_args(args: argparse.Namespace, world_size: int | None = None) -> None:
     _check_data(args)
     _check_directories(args)
     transformer_config(args)  # the config's own validation, as a clean CLI error
+    _check_resume_and_log(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +347,12 @@ def _check_directories(args: argparse.Namespace) -> None:
             _require_writable_directory(path, flag)
     if EMBEDDED in args.data_path and args.data_cache_path is None:
         _require_writable_directory(str(embedded_cache_dir(args)), f"--data-path {EMBEDDED}")
-    iteration = resume_iteration(args) if args.load is not None else None
+
+
+def _check_resume_and_log(args: argparse.Namespace) -> None:
+    """The checkpoint a run resumes from (after the model configuration: it names flags of
+    the model) and the log it appends to."""
+    iteration = resume_iteration(args)
     if iteration is not None:
         _check_resume(args, iteration)
     _check_log(args, iteration or 0)
