@@ -25,7 +25,9 @@ setup(
         # Install torch before this package: a bare requirement on a machine without torch
         # pulls the CUDA build from the registry.
         "torch>=2.4",
-        "megatron-core>=0.15,<0.18",
+        # 0.15 and 0.16 run on Python >= 3.10, 0.17 to 0.19 on Python >= 3.12; 0.20 brings a
+        # TransformerConfig with hyper-connection fields of its own (see config.py).
+        "megatron-core>=0.15,<0.20",
         "einops>=0.8",
         # megatron-core's distributed checkpoint writer needs it and does not declare it.
         "psutil",
@@ -38,6 +40,9 @@ setup(
         "train": ["tensorboard>=2.14"],
         # tools/plot_stability.py and tools/demo.py (PNG figures).
         "plots": ["matplotlib>=3.8"],
+        # Megatron-LM's trainer (megatron.hyper_connections.megatron_lm): megatron.training
+        # ships with megatron-core >= 0.17, whose `mlm` extra brings what it imports.
+        "megatron-lm": ['megatron-core[mlm]>=0.17,<0.20; python_version >= "3.12"'],
         # Fused kernels (hyper_connections_fused_kernels); CUDA builds of torch bring it.
         "triton": ["triton>=3.0"],
         "dev": [
@@ -53,6 +58,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-hc-pretrain = megatron.hyper_connections.training.pretrain:main",
+            "megatron-hc-pretrain-gpt = megatron.hyper_connections.megatron_lm.pretrain_gpt:main",
         ],
     },
 )

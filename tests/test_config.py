@@ -110,3 +110,37 @@ def test_fused_kernels_need_triton(monkeypatch):
             hyper_connections_fused_kernels=True,
         )
     assert str(error.value).startswith("hyper_connections_fused_kernels=True needs Triton")
+
+
+# megatron-core 0.20's config carries hyper-connection fields of its own: simulated here by
+# giving the installed megatron-core's TransformerConfig a field of the package's name.
+SHADOWED = """
+import dataclasses
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+field = dataclasses.field(default=1)
+field.name, field.type, field._field_type = "num_residual_streams", int, dataclasses._FIELD
+TransformerConfig.__dataclass_fields__["num_residual_streams"] = field
+import megatron.hyper_connections.config
+"""
+
+
+def test_a_field_megatron_core_already_has_is_refused_at_import():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", SHADOWED], capture_output=True, text=True, cwd=repo, timeout=300
+    )
+    assert run.returncode != 0
+    message = run.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"ImportError: megatron-core [0-9.rc]+'s megatron\.core\.transformer\.transformer_config"
+        r"\.TransformerConfig already defines num_residual_streams, which "
+        r"megatron\.hyper_connections\.config\.TransformerConfig defines too: this package "
+        r"supports megatron-core >=0\.15,<0\.20, whose config has none of its "
+        r"hyper-connection fields; install such a megatron-core",
+        message,
+    ), message

@@ -37,7 +37,9 @@ def _step(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
     model.train()
     loss = lm_loss(model, lm_batch(seed=3))
     loss.backward()
-    mtp_losses = MTPLossLoggingHelper.tracker["values"].clone()
+    tracker = MTPLossLoggingHelper.tracker
+    # megatron-core 0.16 keeps them as "values", later releases as "loss_values".
+    mtp_losses = tracker.get("loss_values", tracker.get("values")).clone()
     MTPLossLoggingHelper.tracker.clear()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return loss.detach(), mtp_losses, grads

@@ -32,6 +32,7 @@ __all__ = [
     "HC_RECORD_KEY",
     "check_hyper_connection_record",
     "hyper_connection_record",
+    "hyper_connection_state",
     "hyper_connection_variant",
     "load_checkpoint",
     "pop_hyper_connection_record",
@@ -117,7 +118,7 @@ def load_checkpoint(
 
     # A residual checkpoint has no HC tensors: request the others, keep the HC init.
     keep = {
-        key: _hyper_connection_state(chunk) if _is_residual(records[key]) else {}
+        key: hyper_connection_state(chunk) if _is_residual(records[key]) else {}
         for key, chunk in chunks.items()
     }
     request = {
@@ -148,8 +149,9 @@ def _is_residual(record: Mapping[str, Any] | None) -> bool:
     return record is None or not record["use_hyper_connections"]
 
 
-def _hyper_connection_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The chunk's HC parameters, under their state-dict keys."""
+def hyper_connection_state(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The chunk's HC parameters (detached), under their state-dict keys: what a model keeps at
+    its initialisation when it loads a residual checkpoint."""
     return {
         f"{name}.{param_name}": param.detach()
         for name, module in chunk.named_modules()

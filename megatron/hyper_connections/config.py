@@ -4,6 +4,7 @@ With ``use_hyper_connections=False`` (the default) every model built from it is 
 own, parameter for parameter and bit for bit.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,26 @@ from .options import (
 __all__ = ["TransformerConfig"]
 
 
+def _refuse_shadowed_fields(cls: type) -> type:
+    """Refuse, at import, a field of ours that the installed megatron-core's config already
+    has: a subclass field would shadow it silently (megatron-core 0.20's own mHC defines
+    ``num_residual_streams``, for one)."""
+    own = set(inspect.get_annotations(cls))
+    for base in cls.__mro__[1:]:
+        shadowed = sorted(own & set(getattr(base, "__dataclass_fields__", ())))
+        if shadowed:
+            from megatron.core import __version__ as mcore_version
+
+            raise ImportError(
+                f"megatron-core {mcore_version}'s {base.__module__}.{base.__qualname__} already "
+                f"defines {', '.join(shadowed)}, which {cls.__module__}.{cls.__qualname__} "
+                f"defines too: this package supports megatron-core >=0.15,<0.20, whose config "
+                f"has none of its hyper-connection fields; install such a megatron-core"
+            )
+    return cls
+
+
+@_refuse_shadowed_fields
 @dataclass
 class TransformerConfig(MCoreTransformerConfig):
     """megatron-core's ``TransformerConfig`` plus Hyper-Connections (HC), mHC and
@@ -96,10 +117,11 @@ class TransformerConfig(MCoreTransformerConfig):
     hyper_connections_fused_kernels: bool = hc_option(False)
     """Triton kernels for every pass over the state (the RMS projection, the width connection
     H_pre X, the depth connection H_res X + H_post^T y merged with the bias-dropout-add) and
-    for mHC's coefficients, on CUDA tensors, with the memory of the lean backend. Needs Triton.
-    ``backends.config_backend`` says what a configuration runs: per-stream dropout runs on
-    plain autograd, log-domain Sinkhorn keeps its coefficients in PyTorch, and tensors the
-    kernels cannot take (CPU, fp64) run on PyTorch ops; each such fallback is logged once."""
+    for the coefficients of mHC and mHC-lite, on CUDA tensors, with the memory of the lean
+    backend. Needs Triton. ``backends.config_backend`` says what a configuration runs:
+    per-stream dropout runs on plain autograd, log-domain Sinkhorn keeps its coefficients in
+    PyTorch, and tensors the kernels cannot take (CPU, fp64) run on PyTorch ops; each such
+    fallback is logged once."""
 
     mhc_sinkhorn_iters: int = hc_option(
         20, needs=USE_MHC, kinds=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT

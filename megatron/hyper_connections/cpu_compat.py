@@ -51,6 +51,30 @@ What is replaced, and why (in the order ``enable_cpu_megatron`` does it):
       ``param.type() == "torch.cuda.FloatTensor"`` and reject anything else.
     Torch function modes are thread-local: the mode covers the thread that first enabled it
     (the one that runs megatron), not Python threads started elsewhere.
+
+Megatron-LM's trainer (``megatron.training``, from megatron-core >= 0.17 or a Megatron-LM
+checkout) needs more, which ``enable_cpu_megatron_training()`` adds (enabling the above first),
+again only without CUDA; the trainer's entry point (``megatron_lm.pretrain_gpt``) enables it:
+
+* ``initialize_megatron`` asserts CUDA unless called with ``allow_no_cuda=True``; its
+  ``pretrain`` calls it without, so ``pretrain``'s reference to it passes that flag.
+* ``_initialize_distributed`` sets up megatron's parallel state, and ``_set_random_seed`` the
+  model-parallel RNG streams, only when ``torch.cuda.device_count() > 0``: both run seeing one
+  device, whose ``torch.cuda.set_device`` does nothing (the CPU is the device).
+* ``validate_args`` reads the GPU architecture (``get_device_arch_version``) for tensor or context
+  parallelism; on a CPU it answers 0, so Megatron-LM applies its pre-Blackwell rules (which ask
+  for ``CUDA_DEVICE_MAX_CONNECTIONS=1``, as its example scripts set).
+* Megatron-LM up to 0.16 compiles its legacy fused CUDA kernels at start-up
+  (``megatron.legacy.fused_kernels.load``, which needs nvcc); there are none to load on a CPU.
+* On a CPU the "device" random numbers are the CPU generator's, and a data loader draws its
+  base seed from that generator when its iterator starts. Megatron-LM starts its iterators
+  after restoring a checkpoint's random states, so a resumed run would drop out other units
+  than the uninterrupted one (on a GPU dropout draws from the CUDA generator, which loaders
+  leave alone): ``build_pretraining_data_loader``'s loaders get a generator of their own.
+
+The rest is flags of Megatron-LM's own, for what a CPU lacks: ``--distributed-backend gloo``,
+``--transformer-impl local``, ``--no-gradient-accumulation-fusion``, ``--no-persist-layer-norm``
+and ``--no-masked-softmax-fusion`` (no Apex, Transformer Engine or compiled Megatron kernels).
 """
 
 from __future__ import annotations
@@ -65,12 +89,13 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["enable_cpu_megatron"]
+__all__ = ["enable_cpu_megatron", "enable_cpu_megatron_training"]
 
 _CPU = torch.device("cpu")
 _log = logging.getLogger(__name__)
 _patched = False  # items 1 to 10
 _mode_entered = False  # item 11
+_training_patched = False  # Megatron-LM's trainer
 
 
 def _is_cuda(device: Any) -> bool:
@@ -231,4 +256,71 @@ def _patch_cuda_assumptions() -> None:
     )
     mcore_random.CheckpointWithoutOutput._recompute = _under_cpu_mode(
         mcore_random.CheckpointWithoutOutput._recompute
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Megatron-LM's trainer (megatron.training)
+
+
+def _allowing_no_cuda(initialize_megatron: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(initialize_megatron)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        return initialize_megatron(*args, **{**kwargs, "allow_no_cuda": True})
+
+    return initialize
+
+
+def _seeing_one_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        device_count, set_device = torch.cuda.device_count, torch.cuda.set_device
+        torch.cuda.device_count = lambda: 1
+        torch.cuda.set_device = lambda device: None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.device_count, torch.cuda.set_device = device_count, set_device
+
+    return wrapped
+
+
+def _with_own_generator(build_loader: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(build_loader)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        loader = build_loader(*args, **kwargs)
+        if isinstance(loader, torch.utils.data.DataLoader) and loader.generator is None:
+            loader.generator = torch.Generator()
+        return loader
+
+    return build
+
+
+def enable_cpu_megatron_training() -> None:
+    """``enable_cpu_megatron()`` plus what Megatron-LM's trainer needs on a CPU (see the module
+    docstring); idempotent, and a no-op with CUDA. Logs a warning the first time it patches."""
+    global _training_patched
+    if torch.cuda.is_available() or _training_patched:
+        return
+    enable_cpu_megatron()
+    from megatron.training import arguments, initialize, training
+
+    training.initialize_megatron = _allowing_no_cuda(initialize.initialize_megatron)
+    initialize._initialize_distributed = _seeing_one_device(initialize._initialize_distributed)
+    initialize._set_random_seed = _seeing_one_device(initialize._set_random_seed)
+    arguments.get_device_arch_version = lambda: 0
+    training.build_pretraining_data_loader = _with_own_generator(
+        training.build_pretraining_data_loader
+    )
+    try:  # Megatron-LM checkouts up to 0.16
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        pass
+    else:
+        fused_kernels.load = lambda args: None
+    _training_patched = True
+    _log.warning(
+        "no CUDA device: Megatron-LM's trainer runs on the CPU through %s, which also replaces "
+        "parts of megatron.training (its docstring lists them)",
+        __name__,
     )
