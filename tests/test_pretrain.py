@@ -524,19 +524,19 @@ DAMAGED = {
         "iter_0000008/train_state.pt",
         "--load {save}: the checkpoint of iteration 8 is damaged: {file}: cannot be read "
         "(RuntimeError: PytorchStreamReader failed reading zip archive: not a ZIP archive); give "
-        "--ckpt-step N to resume from an earlier checkpoint (complete ones: 2, 4, 6)",
+        "--ckpt-step N to resume from another checkpoint (complete ones: 2, 4, 6)",
     ),
     "truncated tensor file": (
         "iter_0000008/model/__0_0.distcp",
         "--load {save}: the checkpoint of iteration 8 is damaged: {file}: 10 bytes, but the "
         "checkpoint's metadata records {size}: the file is truncated; give --ckpt-step N to "
-        "resume from an earlier checkpoint (complete ones: 2, 4, 6)",
+        "resume from another checkpoint (complete ones: 2, 4, 6)",
     ),
     "truncated optimizer metadata": (
         "iter_0000008/optimizer/.metadata",
         "--load {save}: the checkpoint of iteration 8 is damaged: {file}: cannot be read "
-        "(UnpicklingError: pickle data was truncated); give --ckpt-step N to resume from an "
-        "earlier checkpoint (complete ones: 2, 4, 6)",
+        "(UnpicklingError: pickle data was truncated); give --ckpt-step N to resume from "
+        "another checkpoint (complete ones: 2, 4, 6)",
     ),
     "broken log line": (
         "log",
@@ -619,7 +619,7 @@ def test_damaged_files_stop_before_start(
     expected = message.format(**values)
     assert _refusal(argv, capsys) == f"megatron-hc-pretrain: error: {expected}"
 
-    if case == "truncated tensor file":  # an earlier complete checkpoint passes every check
+    if case == "truncated tensor file":  # another complete checkpoint passes every check
         with pytest.raises(AssertionError, match="process groups were being set up"):
             from megatron.hyper_connections.training import pretrain
 

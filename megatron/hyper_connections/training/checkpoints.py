@@ -149,18 +149,22 @@ def saved_train_state(checkpoint_dir: str | os.PathLike, iteration: int) -> dict
 
 
 def check_checkpoint_files(
-    checkpoint_dir: str | os.PathLike, iteration: int, rank: int, world_size: int
+    checkpoint_dir: str | os.PathLike,
+    iteration: int,
+    rank: int,
+    world_size: int,
+    with_optimizer: bool = True,
 ) -> None:
     """Raise ``UsageError`` naming the first file of iteration ``iteration``'s checkpoint that
     a resume by rank ``rank`` of ``world_size`` could not read: ``train_state.pt``, the
-    ``dist_checkpointing`` metadata and common state of ``model/`` and ``optimizer/``, every
+    ``dist_checkpointing`` metadata and common state of ``model/`` (and ``optimizer/``), every
     tensor file they refer to (missing, or shorter than the data recorded in it), and this
     rank's random states when the number of ranks is unchanged. Reads no tensor data."""
     from torch.distributed.checkpoint import FileSystemReader
 
     directory = checkpoint_path(checkpoint_dir, iteration)
     saved = saved_train_state(checkpoint_dir, iteration)
-    for part in ("model", "optimizer"):
+    for part in ("model", "optimizer") if with_optimizer else ("model",):
         folder = directory / part
         _read(folder / "common.pt")
         try:
@@ -226,7 +230,11 @@ def locked_save_directory(save: str | os.PathLike | None) -> Iterator[None]:
                     f"--save {save}: another run is saving there ({holder} holds {path}): "
                     "give each run its own --save directory"
                 ) from None
-            # e.g. ENOLCK: a file system without locks
+            print(
+                f"warning: --save {save}: no lock on {path} ({error.strerror}): a second run on "
+                "it would not be refused",
+                flush=True,
+            )
         else:
             lock.seek(0)
             lock.truncate()

@@ -363,12 +363,16 @@ def _check_resume(args: argparse.Namespace, iteration: int) -> None:
     and with its learning-rate schedule (unless a flag says which schedule to take)."""
     try:
         check_checkpoint_files(
-            args.load, iteration, int(os.environ.get("RANK", "0")), args.world_size
+            args.load,
+            iteration,
+            int(os.environ.get("RANK", "0")),
+            args.world_size,
+            with_optimizer=not args.no_load_optim,
         )
     except UsageError as error:
         others = [str(i) for i in complete_iterations(args.load) if i != iteration]
         hint = (
-            f"give --ckpt-step N to resume from an earlier checkpoint (complete ones: "
+            f"give --ckpt-step N to resume from another checkpoint (complete ones: "
             f"{', '.join(others)})"
             if others
             else "it holds no other complete checkpoint"

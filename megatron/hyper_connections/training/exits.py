@@ -49,8 +49,8 @@ class ExitConditions:
 
     ``check_step(iteration, loss, model)`` after backward and before the update of each
     step: raises ``NonFiniteError``, or returns why the run ends after this step (None: it
-    goes on). Collective. As a context manager it installs the SIGTERM handler on entry
-    (with ``--exit-signal-handler``) and puts the previous one back on exit.
+    goes on). Collective. As a context manager, with ``--exit-signal-handler``, it blocks
+    SIGTERM and installs its handler on entry, and puts both back on exit.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:

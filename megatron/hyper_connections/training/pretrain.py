@@ -133,7 +133,13 @@ def pretrain(args: argparse.Namespace) -> None:
             while state.iteration < args.train_iters and exit_reason is None:
                 started = time.perf_counter()
                 loss, grad_norm, updated, exit_reason = train_step(
-                    args, model, optimizer, forward_backward, train_batches, exits, state
+                    args,
+                    model,
+                    optimizer,
+                    forward_backward,
+                    train_batches,
+                    exits,
+                    state.iteration + 1,
                 )
                 if updated:  # an fp16 step skipped for overflow does not advance the schedule
                     scheduler.step(increment=1)
@@ -162,13 +168,13 @@ def pretrain(args: argparse.Namespace) -> None:
                 if args.save is not None and (
                     (args.save_interval and state.iteration % args.save_interval == 0) or last
                 ):
-                    save_checkpoint(args, state, model, optimizer, scheduler, monitor)
+                    save_finite_checkpoint(args, state, model, optimizer, scheduler, monitor)
             if exit_reason is not None:
                 monitor.print(exit_reason)
             monitor.print_summary()
 
 
-def save_checkpoint(
+def save_finite_checkpoint(
     args: argparse.Namespace,
     state: TrainState,
     model: list,
@@ -332,19 +338,19 @@ def train_step(
     forward_backward: Callable,
     batches: Any,
     exits: ExitConditions,
-    state: TrainState,
+    iteration: int,
 ) -> tuple[Tensor, float | None, bool, str | None]:
-    """One optimizer step over a global batch (iteration ``state.iteration + 1``). Returns its
-    [loss sum, tokens] on this rank (zeros off the last pipeline stage), the gradient norm,
-    whether the update was applied (fp16 skips it when the gradients overflow) and why the
-    run ends after it (None: it goes on). Raises ``NonFiniteError`` before the update for a
+    """One optimizer step over a global batch, that of ``iteration``. Returns its [loss sum,
+    tokens] on this rank (zeros off the last pipeline stage), the gradient norm, whether the
+    update was applied (fp16 skips it when the gradients overflow) and why the run ends
+    after it (None: it goes on). Raises ``NonFiniteError`` before the update for a
     non-finite loss or gradient (see ``exits``)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = run_schedule(args, forward_backward, model, batches, forward_only=False)
     loss = _summed_loss(outputs)
-    exit_reason = exits.check_step(state.iteration + 1, loss, model)
+    exit_reason = exits.check_step(iteration, loss, model)
     updated, grad_norm, _ = optimizer.step()
     return loss, grad_norm, updated, exit_reason
 
