@@ -40,16 +40,44 @@ def _loss_and_grads(config):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}, saved
 
 
+def _record_calls(monkeypatch, names: list[str]) -> list[str]:
+    """The names of the ``TritonOps`` methods among ``names`` called from now on, in order."""
+    from megatron.hyper_connections.kernels.ops import TritonOps
+
+    calls = []
+    for name in names:
+        kernel = getattr(TritonOps, name)
+
+        def record(*args, _name=name, _kernel=kernel):
+            calls.append(_name)
+            return _kernel(*args)
+
+        monkeypatch.setattr(TritonOps, name, staticmethod(record))
+    return calls
+
+
+# The coefficient kernel a variant runs under fused kernels (HC and log-domain mHC: none).
+COEFFICIENT_KERNELS = {
+    "mHCx4": "mhc_coefficients",
+    "mHCx2-3proposals": "mhc_coefficients",
+    "mHCx4-lite": "mhc_lite_coefficients",
+}
+
+
 @pytest.mark.parametrize(
     "variant", ["DHCx4", "mHCx4", "mHCx2-3proposals", "SHCx2", "mHCx4-log", "mHCx4-lite"]
 )
 @pytest.mark.parametrize("recompute", [False, True], ids=["lean", "hc-recompute"])
-def test_fused_kernels_match_the_pytorch_path(variant, recompute):
+def test_fused_kernels_match_the_pytorch_path(variant, recompute, monkeypatch):
     """Same loss, gradients and saved memory (the fused backend keeps what the lean one keeps,
-    the state chain included)."""
+    the state chain included), with the variant's coefficient kernel, if any."""
     options = dict(VARIANTS[variant], recompute_hyper_connections=recompute)
+    calls = _record_calls(monkeypatch, ["mhc_coefficients", "mhc_lite_coefficients"])
     loss_ref, grads_ref, saved_ref = _loss_and_grads(make_config(options))
+    assert calls == []
     loss, grads, saved = _loss_and_grads(make_config(options, hyper_connections_fused_kernels=True))
+    expected = COEFFICIENT_KERNELS.get(variant)
+    assert set(calls) == ({expected} if expected else set())
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     for name, grad in grads_ref.items():
         assert grads[name] is not None, name
@@ -60,8 +88,6 @@ def test_fused_kernels_match_the_pytorch_path(variant, recompute):
 def test_fused_kernels_use_the_kernels():
     """Guard against a silent fallback: every kernel runs in a fused forward/backward, and every
     module is on the fused backend."""
-    from megatron.hyper_connections.kernels.ops import TritonOps
-
     names = [
         "project",
         "project_backward",
@@ -71,22 +97,11 @@ def test_fused_kernels_use_the_kernels():
         "merge_backward",
         "mhc_coefficients",
     ]
-    calls = []
-    patch = pytest.MonkeyPatch()
-    for name in names:
-        kernel = getattr(TritonOps, name)
-
-        def record(*args, _name=name, _kernel=kernel):
-            calls.append(_name)
-            return _kernel(*args)
-
-        patch.setattr(TritonOps, name, staticmethod(record))
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        calls = _record_calls(patch, names)
         config = make_config(VARIANTS["mHCx4"], hyper_connections_fused_kernels=True)
         model = build_gpt(config)
         lm_loss(model, lm_batch(seed=5)).backward()
-    finally:
-        patch.undo()
     assert sorted(set(calls)) == sorted(names)
     backends = {m.backend.name for m in model.modules() if isinstance(m, HyperConnectionBase)}
     assert backends == {FUSED}

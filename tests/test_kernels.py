@@ -24,10 +24,13 @@ from megatron.hyper_connections.kernels.merge_branch_output import (
     fused_merge_branch_output_backward,
 )
 from megatron.hyper_connections.kernels.mhc_coefficients import fused_mhc_coefficients
+from megatron.hyper_connections.kernels.mhc_lite_coefficients import fused_mhc_lite_coefficients
 from megatron.hyper_connections.kernels.rms_projection import (
     fused_rms_projection,
     fused_rms_projection_backward,
 )
+from megatron.hyper_connections.manifold_hyper_connection import mhc_coefficients
+from megatron.hyper_connections.permutations import num_permutations
 from megatron.hyper_connections.projection import Projection
 from megatron.hyper_connections.sinkhorn import sinkhorn_knopp
 from megatron.hyper_connections.streams import BranchOutput
@@ -177,6 +180,114 @@ def test_mhc_coefficients_match_mhc_mixing() -> None:
     proj = (x @ phi).unflatten(-1, (P, width))
     ours = fused_mhc_coefficients(proj, inv_rms, gates, bias, n, 7)
     _assert_matches(ours, ref, inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# mHC-lite coefficients
+# ---------------------------------------------------------------------------------------
+
+
+def reference_lite_coefficients(proj, inv_rms, gates, bias):
+    """``mhc_coefficients(..., h_res_parameterization="permutations")`` in fp32, fed with the
+    kernel's layouts (proj [..., P, W], inv_rms [...])."""
+    projection = None
+    if proj is not None:
+        lead = proj.shape[:-2]
+        projection = Projection(
+            proj.float().flatten(-2).unsqueeze(-2), inv_rms.float().reshape(*lead, 1, 1)
+        )
+        gates = gates.float()
+    mixing = mhc_coefficients(
+        projection, bias.float(), gates, h_res_parameterization="permutations"
+    )
+    return mixing.h_pre, mixing.h_post, mixing.h_res
+
+
+def _lite_inputs(
+    n: int,
+    num_proposals: int,
+    tokens: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    bias_scale: float = 1.0,
+):
+    width = 2 * n + num_permutations(n)
+    proj = _leaf(*tokens, num_proposals, width, dtype=dtype)
+    inv_rms = (0.5 + torch.rand(tokens, device=DEVICE)).to(dtype).requires_grad_()
+    gates = _leaf(num_proposals, 3, scale=0.5, shift=0.5, dtype=dtype)
+    bias = _leaf(num_proposals, width, scale=bias_scale, dtype=dtype)
+    return proj, inv_rms, gates, bias
+
+
+def _check_lite_coefficients(inputs, n: int, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
+    """The kernel against ``reference_lite_coefficients``: values (fp32 from the same inputs,
+    so at fp32 tolerance) and the given inputs' gradients (rounded to their dtype)."""
+    ours = fused_mhc_lite_coefficients(*inputs, n)
+    ref = reference_lite_coefficients(*inputs)
+    assert all(o.dtype == torch.float32 for o in ours)
+    _assert_matches(ours, ref, [t for t in inputs if t is not None], grad_tol=TOL[dtype])
+    return ours
+
+
+LITE_STREAMS = [2, 3, 4, 5, 6]  # n! = 2 .. 720 logits: one partial chunk up to 12 chunks
+
+
+@pytest.mark.parametrize("n", LITE_STREAMS)
+@pytest.mark.parametrize("num_proposals", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_mhc_lite_coefficients_dynamic(n: int, num_proposals: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(n * 10 + num_proposals)
+    inputs = _lite_inputs(n, num_proposals, (2, 3), dtype)  # leading dims are flattened
+    ours = _check_lite_coefficients(inputs, n, dtype)
+    assert [o.shape for o in ours] == [(2, 3, 1, n), (2, 3, n), (2, 3, n, n)]
+
+
+@pytest.mark.parametrize("n", LITE_STREAMS)
+@pytest.mark.parametrize("num_proposals", [1, 3])
+def test_mhc_lite_coefficients_static(n: int, num_proposals: int) -> None:
+    torch.manual_seed(n * 10 + num_proposals)
+    bias = _leaf(num_proposals, 2 * n + num_permutations(n), scale=2.0)
+    ours = _check_lite_coefficients((None, None, None, bias), n)
+    assert [o.shape for o in ours] == [(1, n), (n,), (n, n)]
+
+
+@pytest.mark.parametrize("n", [4, 6])
+def test_mhc_lite_coefficients_many_tokens(n: int) -> None:
+    """Several token blocks per launch (bias and gate partials over programs, a last block
+    not filled) and large logits, whose maximum moves between chunks (the online softmax's
+    rescaling)."""
+    torch.manual_seed(n)
+    _check_lite_coefficients(_lite_inputs(n, 2, (37,), bias_scale=6.0), n)
+
+
+@pytest.mark.parametrize("n", [3, 5, 6])
+def test_mhc_lite_h_res_is_doubly_stochastic(n: int) -> None:
+    """Rows and columns of H_res sum to 1 and its entries are in [0, 1], for logits of any
+    size (softmax weights of permutation matrices)."""
+    torch.manual_seed(n)
+    inputs = [t.detach() for t in _lite_inputs(n, 2, (5,), bias_scale=20.0)]
+    _, _, h_res = fused_mhc_lite_coefficients(*inputs, n)
+    ones = torch.ones(5, n, device=DEVICE)
+    torch.testing.assert_close(h_res.sum(-1), ones, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h_res.sum(-2), ones, atol=1e-6, rtol=0)
+    assert bool((h_res >= 0).all()) and bool((h_res <= 1 + 1e-6).all())
+
+
+def test_mhc_lite_coefficients_save_only_their_inputs() -> None:
+    """What autograd keeps for backward is proj, inv_rms, gates and bias: no softmax."""
+    n = 4
+    inputs = _lite_inputs(n, 2, (6,))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused_mhc_lite_coefficients(*inputs, n)
+    assert sorted(t.numel() for t in saved) == sorted(t.numel() for t in inputs)
+
+
+def test_mhc_lite_coefficients_bad_input() -> None:
+    bias = torch.zeros(1, 2 * 7 + num_permutations(7), device=DEVICE)
+    with pytest.raises(ValueError, match=r"num_streams must be 2 to 6 .* got 7"):
+        fused_mhc_lite_coefficients(None, None, None, bias, 7)
+    with pytest.raises(ValueError, match=r"bias must be \[P, 32\] \(W = 2n \+ n!\), got \(1, 24\)"):
+        fused_mhc_lite_coefficients(None, None, None, torch.zeros(1, 24, device=DEVICE), 4)
 
 
 # ---------------------------------------------------------------------------------------

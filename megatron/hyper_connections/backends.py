@@ -13,7 +13,7 @@
 
 and how the coefficients (the small per-token graph after the projection) are computed:
 ``eager`` PyTorch, ``compiled`` with ``torch.compile``, or ``triton`` (mHC's fused kernel,
-exp-domain Sinkhorn). ``config_backend`` is the same choice for a megatron config.
+exp-domain Sinkhorn, or mHC-lite's). ``config_backend`` is the same choice for a megatron config.
 
 Under ``torch.no_grad`` every backend runs its forward only. Where a configuration asks for
 something its backend does not do, the module logs ``reason`` once. A fused module that meets
@@ -213,7 +213,7 @@ def select_backend(
         fused_kernels: Triton kernels asked for (``use_fused_kernels()``).
         compile_coefficients: ``torch.compile`` asked for (``compile_coefficients()``).
         stream_dropout: the per-stream dropout probability (the module's ``dropout``).
-        manifold: mHC (its Sinkhorn coefficients have a Triton kernel) rather than HC.
+        manifold: mHC (its coefficients have Triton kernels) rather than HC.
         log_domain_sinkhorn: mHC's log-domain Sinkhorn (the kernel's is exp-domain).
         h_res_parameterization: mHC's H_res, ``sinkhorn`` or ``permutations`` (mHC-lite).
     """
@@ -233,11 +233,9 @@ def select_backend(
         reason = "fused kernels asked for, but Triton is not installed: memory-lean PyTorch"
         return LeanBackend(torch_coefficients, reason, fallback=True)
     state_kernels = "Triton kernels for the passes over the state"
-    if manifold and h_res_parameterization == "permutations":
-        reason = f"{state_kernels}; mHC-lite's few coefficient ops (no Sinkhorn) in PyTorch"
-        return FusedBackend(torch_coefficients, reason, unfused)
-    if manifold and not log_domain_sinkhorn:
-        reason = f"{state_kernels} and for mHC's coefficients"
+    lite = h_res_parameterization == "permutations"  # no Sinkhorn, whatever its domain
+    if manifold and (lite or not log_domain_sinkhorn):
+        reason = f"{state_kernels} and for {'mHC-lite' if lite else 'mHC'}'s coefficients"
         if compile_coefficients:
             reason += "; torch.compile is not used: the kernel computes the coefficients"
         return FusedBackend(TRITON, reason, unfused, fallback=compile_coefficients)

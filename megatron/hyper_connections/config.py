@@ -113,10 +113,11 @@ class TransformerConfig(MCoreTransformerConfig):
     hyper_connections_fused_kernels: bool = hc_option(False)
     """Triton kernels for every pass over the state (the RMS projection, the width connection
     H_pre X, the depth connection H_res X + H_post^T y merged with the bias-dropout-add) and
-    for mHC's coefficients, on CUDA tensors, with the memory of the lean backend. Needs Triton.
-    ``backends.config_backend`` says what a configuration runs: per-stream dropout runs on
-    plain autograd, log-domain Sinkhorn keeps its coefficients in PyTorch, and tensors the
-    kernels cannot take (CPU, fp64) run on PyTorch ops; each such fallback is logged once."""
+    for the coefficients of mHC and mHC-lite, on CUDA tensors, with the memory of the lean
+    backend. Needs Triton. ``backends.config_backend`` says what a configuration runs:
+    per-stream dropout runs on plain autograd, log-domain Sinkhorn keeps its coefficients in
+    PyTorch, and tensors the kernels cannot take (CPU, fp64) run on PyTorch ops; each such
+    fallback is logged once."""
 
     mhc_sinkhorn_iters: int = hc_option(
         20, needs=USE_MHC, kinds=(MHC,), module_arg="sinkhorn_iters", allowed=POSITIVE_INT

@@ -240,10 +240,11 @@ class ManifoldHyperConnection(HyperConnectionBase):
             if projection is not None:  # [T, 1, P*W] and [T, 1, 1] -> [T, P, W] and [T]
                 proj = projection.proj.squeeze(-2).unflatten(-1, bias.shape)
                 inv_rms = projection.inv_rms.flatten(-3)
+            n = self.num_residual_streams
+            if self.h_res_parameterization == "permutations":
+                return Mixing(*backend.ops.mhc_lite_coefficients(proj, inv_rms, gates, bias, n))
             return Mixing(
-                *backend.ops.mhc_coefficients(
-                    proj, inv_rms, gates, bias, self.num_residual_streams, self.sinkhorn_iters
-                )
+                *backend.ops.mhc_coefficients(proj, inv_rms, gates, bias, n, self.sinkhorn_iters)
             )
         return self.coefficient_function(mhc_coefficients, backend)(
             projection,

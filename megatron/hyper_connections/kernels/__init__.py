@@ -3,6 +3,7 @@
 
 - ``rms_projection``: x phi and 1 / RMS(x) in one pass over the state, and its backward.
 - ``mhc_coefficients``: mHC's H_pre, H_post, H_res from the projection (an autograd function).
+- ``mhc_lite_coefficients``: the same for mHC-lite (H_res a softmax mixture of permutations).
 - ``branch_input``: the width connection's h0 = H_pre X, and its backward.
 - ``merge_branch_output``: the depth connection's X' = H_res X + H_post^T y merged with the
   bias-dropout-add, and its backward.

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .availability import check
-from .triton_utils import load_tile, next_pow2, store_tile
+from .triton_utils import gated_logits, load_tile, next_pow2, sigmoid_group_backward, store_tile
 
 __all__ = ["fused_mhc_coefficients"]
 
@@ -64,41 +64,6 @@ def _mhc_block(
 
 
 @triton.jit
-def _mhc_logits(
-    proj_ptr,
-    inv_rms,
-    gates_ptr,
-    bias_ptr,
-    tok,
-    tmask,
-    p,
-    P,
-    offs,
-    omask,
-    group: tl.constexpr,
-    N: tl.constexpr,
-    DYNAMIC: tl.constexpr,
-):
-    """(t, raw proj, gate) for one coefficient group of proposal p; offs index within W.
-
-    ``offs`` has a leading token axis of size 1 (static) that broadcasts against ``tok``.
-    """
-    W: tl.constexpr = N * N + 2 * N
-    b = tl.load(bias_ptr + p * W + offs, mask=omask, other=0.0).to(tl.float32)
-    if DYNAMIC:
-        a = tl.load(gates_ptr + p * 3 + group).to(tl.float32)
-        pmask = tmask & omask
-        x = tl.load(proj_ptr + tok * (P * W) + p * W + offs, mask=pmask, other=0.0)
-        x = x.to(tl.float32)
-        t = a * (x * inv_rms) + b
-    else:
-        a = 0.0
-        x = b * 0.0
-        t = b
-    return t, x, a
-
-
-@triton.jit
 def _mhc_res_start(
     proj_ptr,
     gates_ptr,
@@ -114,11 +79,12 @@ def _mhc_res_start(
     N: tl.constexpr,
     DYNAMIC: tl.constexpr,
 ):
-    """H_res's (t, raw proj, gate) of proposal p as ``_mhc_logits`` and Sinkhorn's start
+    """H_res's (t, raw proj, gate) of proposal p as ``gated_logits`` and Sinkhorn's start
     exp(t - column max), zero outside ``full3``. The first column normalisation absorbs the
     shift exactly (as in ``sinkhorn_knopp``), so no gradient flows through it."""
-    t, x, a = _mhc_logits(
-        proj_ptr, r3, gates_ptr, bias_ptr, tok3, tmask3, p, P, moffs, mmask, 2, N, DYNAMIC
+    W: tl.constexpr = N * N + 2 * N
+    t, x, a = gated_logits(
+        proj_ptr, r3, gates_ptr, bias_ptr, tok3, tmask3, p, P, moffs, mmask, 2, W, DYNAMIC
     )
     # Padded columns have max -inf: their (finite t) - max is +inf, removed by the where.
     col_max = tl.max(tl.where(full3, t, float("-inf")), axis=1)
@@ -143,6 +109,7 @@ def _mhc_fwd_kernel(
     BLOCK_T: tl.constexpr,
     DYNAMIC: tl.constexpr,
 ):
+    W: tl.constexpr = N * N + 2 * N
     tok, tmask, n, nmask, tok2, tmask2, r2, tok3, tmask3, r3, moffs, mmask, full3 = _mhc_block(
         inv_rms_ptr, T, N, BN, BLOCK_T, DYNAMIC
     )
@@ -151,14 +118,14 @@ def _mhc_fwd_kernel(
     acc_post = tl.zeros([BLOCK_T, BN], dtype=tl.float32)
     acc_res = tl.zeros([BLOCK_T, BN, BN], dtype=tl.float32)
     for p in range(P):
-        t, _x, _a = _mhc_logits(
+        t, _x, _a = gated_logits(
             proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P,
-            n[None, :], vmask, 0, N, DYNAMIC,
+            n[None, :], vmask, 0, W, DYNAMIC,
         )  # fmt: skip
         acc_pre += tl.sigmoid(t)
-        t, _x, _a = _mhc_logits(
+        t, _x, _a = gated_logits(
             proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P,
-            n[None, :] + N, vmask, 1, N, DYNAMIC,
+            n[None, :] + N, vmask, 1, W, DYNAMIC,
         )  # fmt: skip
         acc_post += 2.0 * tl.sigmoid(t)
         _x, _a, m = _mhc_res_start(
@@ -174,51 +141,6 @@ def _mhc_fwd_kernel(
     store_tile(post_ptr, tok, tmask, n, nmask, N, acc_post * inv_p)
     o3 = tok3 * (N * N) + n[None, :, None] * N + n[None, None, :]
     tl.store(res_ptr + o3, acc_res * inv_p, mask=full3)
-
-
-@triton.jit
-def _mhc_sigmoid_bwd(
-    proj_ptr,
-    gates_ptr,
-    bias_ptr,
-    d_proj_ptr,
-    d_gates_ptr,
-    d_bias_ptr,
-    g,
-    d_r,
-    tok2,
-    tmask2,
-    r2,
-    n,
-    nmask,
-    p,
-    P,
-    scale: tl.constexpr,
-    group: tl.constexpr,
-    N: tl.constexpr,
-    DYNAMIC: tl.constexpr,
-):
-    """Backward of H = mean_p scale * sigmoid(t) for group 0 (H_pre) or 1 (H_post), g its
-    gradient over P: stores proposal p's d_proj and gate and bias partials and returns
-    d_r plus this group's share of d inv_rms."""
-    W: tl.constexpr = N * N + 2 * N
-    pid = tl.program_id(0)
-    vmask = nmask[None, :]
-    full2 = tmask2 & vmask
-    offs = n[None, :] + group * N
-    t, x, a = _mhc_logits(
-        proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P, offs, vmask, group, N, DYNAMIC
-    )
-    s = tl.sigmoid(t)
-    dt = tl.where(full2, scale * g * s * (1.0 - s), 0.0)
-    part = pid.to(tl.int64) * P * W  # this program's row of the bias partials
-    tl.store(d_bias_ptr + part + p * W + group * N + n, tl.sum(dt, axis=0), mask=nmask)
-    if DYNAMIC:
-        tl.store(d_proj_ptr + tok2 * (P * W) + p * W + offs, dt * a * r2, mask=full2)
-        d_r += tl.sum(dt * x, axis=1) * a
-        d_a = tl.sum(tl.sum(dt * x * r2, 1), 0)
-        tl.store(d_gates_ptr + (pid * P + p) * 3 + group, d_a)
-    return d_r
 
 
 @triton.jit
@@ -259,13 +181,13 @@ def _mhc_bwd_kernel(
     part = pid.to(tl.int64) * P * W  # this program's row of the bias partials
     for p in range(P):
         # --- H_pre = mean_p sigmoid(t_pre), H_post = mean_p 2 sigmoid(t_post)
-        d_r = _mhc_sigmoid_bwd(
+        d_r = sigmoid_group_backward(
             proj_ptr, gates_ptr, bias_ptr, d_proj_ptr, d_gates_ptr, d_bias_ptr,
-            g_pre, d_r, tok2, tmask2, r2, n, nmask, p, P, 1.0, 0, N, DYNAMIC,
+            g_pre, d_r, tok2, tmask2, r2, n, nmask, p, P, 1.0, 0, N, W, DYNAMIC,
         )  # fmt: skip
-        d_r = _mhc_sigmoid_bwd(
+        d_r = sigmoid_group_backward(
             proj_ptr, gates_ptr, bias_ptr, d_proj_ptr, d_gates_ptr, d_bias_ptr,
-            g_post, d_r, tok2, tmask2, r2, n, nmask, p, P, 2.0, 1, N, DYNAMIC,
+            g_post, d_r, tok2, tmask2, r2, n, nmask, p, P, 2.0, 1, N, W, DYNAMIC,
         )  # fmt: skip
 
         # --- H_res = mean_p Sinkhorn(t_res), differentiated through the unrolled rounds.

@@ -7,14 +7,15 @@ Importing this module needs Triton.
 from .branch_input import fused_branch_input, fused_branch_input_backward
 from .merge_branch_output import fused_merge_branch_output, fused_merge_branch_output_backward
 from .mhc_coefficients import fused_mhc_coefficients
+from .mhc_lite_coefficients import fused_mhc_lite_coefficients
 from .rms_projection import fused_rms_projection, fused_rms_projection_backward
 
 __all__ = ["TritonOps"]
 
 
 class TritonOps:
-    """``autograd.TorchOps``'s static methods on the kernels, and mHC's coefficients (an
-    autograd function, for the small graph rebuilt in backward)."""
+    """``autograd.TorchOps``'s static methods on the kernels, and mHC's and mHC-lite's
+    coefficients (autograd functions, for the small graph rebuilt in backward)."""
 
     project = staticmethod(fused_rms_projection)
     project_backward = staticmethod(fused_rms_projection_backward)
@@ -23,3 +24,4 @@ class TritonOps:
     merge = staticmethod(fused_merge_branch_output)
     merge_backward = staticmethod(fused_merge_branch_output_backward)
     mhc_coefficients = staticmethod(fused_mhc_coefficients)
+    mhc_lite_coefficients = staticmethod(fused_mhc_lite_coefficients)

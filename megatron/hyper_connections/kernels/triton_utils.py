@@ -1,9 +1,11 @@
-"""Triton helpers shared by the kernels of this package: tiles, and the stream-mixing tile of
-the width and depth kernels. Importing this module needs Triton.
+"""Triton helpers shared by the kernels of this package: tiles, the stream-mixing tile of the
+width and depth kernels, and the gated logits and sigmoid groups (H_pre, H_post) of the mHC
+and mHC-lite coefficient kernels. Importing this module needs Triton.
 
 Layout as in ``streams``: T tokens, the state X as rows [T, N, D] (row-major), coefficients
-h [T, R, N] per token or [R, N] shared by all tokens (STATIC). Values are loaded in their own
-dtype and computed in fp32.
+h [T, R, N] per token or [R, N] shared by all tokens (STATIC). The coefficient kernels read
+the projection [T, P, W] with W = 2N + R laid out [pre N | post N | res R]. Values are loaded
+in their own dtype and computed in fp32.
 """
 
 import triton
@@ -15,11 +17,13 @@ __all__ = [
     "NO_D_ROWS",
     "STORE_D_ROWS",
     "block_d",
+    "gated_logits",
     "interpreted",
     "load_tile",
     "mix_backward",
     "mix_forward",
     "next_pow2",
+    "sigmoid_group_backward",
     "store_tile",
     "token_tile",
 ]
@@ -128,3 +132,83 @@ def mix_backward(
         x = tl.load(rows_ptr + x_offs, mask=dmask, other=0.0).to(tl.float32)
         tl.store(d_h_ptr + r * N + j, tl.sum(g * x[None, :], axis=1), mask=rmask)
     return tok, part, d, dmask, r, rmask, g
+
+
+@triton.jit
+def gated_logits(
+    proj_ptr,
+    inv_rms,
+    gates_ptr,
+    bias_ptr,
+    tok,
+    tmask,
+    p,
+    P,
+    offs,
+    omask,
+    group: tl.constexpr,
+    W: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+):
+    """(t, raw proj, gate) for one coefficient group (0 pre, 1 post, 2 res) of proposal p:
+    t = a * (x phi) * inv_rms + b, or t = b (static); offs index within W.
+
+    ``offs`` has a leading token axis of size 1 (static) that broadcasts against ``tok``.
+    """
+    b = tl.load(bias_ptr + p * W + offs, mask=omask, other=0.0).to(tl.float32)
+    if DYNAMIC:
+        a = tl.load(gates_ptr + p * 3 + group).to(tl.float32)
+        pmask = tmask & omask
+        x = tl.load(proj_ptr + tok * (P * W) + p * W + offs, mask=pmask, other=0.0)
+        x = x.to(tl.float32)
+        t = a * (x * inv_rms) + b
+    else:
+        a = 0.0
+        x = b * 0.0
+        t = b
+    return t, x, a
+
+
+@triton.jit
+def sigmoid_group_backward(
+    proj_ptr,
+    gates_ptr,
+    bias_ptr,
+    d_proj_ptr,
+    d_gates_ptr,
+    d_bias_ptr,
+    g,
+    d_r,
+    tok2,
+    tmask2,
+    r2,
+    n,
+    nmask,
+    p,
+    P,
+    scale: tl.constexpr,
+    group: tl.constexpr,
+    N: tl.constexpr,
+    W: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+):
+    """Backward of H = mean_p scale * sigmoid(t) for group 0 (H_pre) or 1 (H_post), g its
+    gradient over P: stores proposal p's d_proj and gate and bias partials and returns
+    d_r plus this group's share of d inv_rms."""
+    pid = tl.program_id(0)
+    vmask = nmask[None, :]
+    full2 = tmask2 & vmask
+    offs = n[None, :] + group * N
+    t, x, a = gated_logits(
+        proj_ptr, r2, gates_ptr, bias_ptr, tok2, tmask2, p, P, offs, vmask, group, W, DYNAMIC
+    )
+    s = tl.sigmoid(t)
+    dt = tl.where(full2, scale * g * s * (1.0 - s), 0.0)
+    part = pid.to(tl.int64) * P * W  # this program's row of the bias partials
+    tl.store(d_bias_ptr + part + p * W + group * N + n, tl.sum(dt, axis=0), mask=nmask)
+    if DYNAMIC:
+        tl.store(d_proj_ptr + tok2 * (P * W) + p * W + offs, dt * a * r2, mask=full2)
+        d_r += tl.sum(dt * x, axis=1) * a
+        d_a = tl.sum(tl.sum(dt * x * r2, 1), 0)
+        tl.store(d_gates_ptr + (pid * P + p) * 3 + group, d_a)
+    return d_r
