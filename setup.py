@@ -4,15 +4,19 @@ Installs ``megatron.hyper_connections`` into the ``megatron`` namespace package 
 ``megatron.core``; there is deliberately no ``megatron/__init__.py``.
 """
 
+import re
 from pathlib import Path
 
 from setuptools import find_namespace_packages, setup
 
 README = Path(__file__).with_name("README.md")
+# The version is declared once, in the package.
+INIT = Path(__file__).with_name("megatron") / "hyper_connections" / "__init__.py"
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT.read_text(encoding="utf-8"), re.M)[1]
 
 setup(
     name="megatron-hyper-connections",
-    version="0.1.0",
+    version=VERSION,
     description="Hyper-Connections and Manifold-Constrained Hyper-Connections for megatron-core",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
