@@ -38,6 +38,7 @@ def result(tmp_path_factory):
 def test_every_variant_in_every_scope(result):
     names = [(row["scope"], row["variant"]) for row in result["results"]]
     expected = ["residual", "DHC n=2", "DHC n=4", "mHC n=2", "mHC n=4"]
+    expected += ["mHC-lite n=2", "mHC-lite n=4"]
     recompute = ["DHC n=4 +recompute", "mHC n=4 +recompute"]  # a chain needs a block
     assert names == [("layer", name) for name in expected] + [
         ("gpt", name) for name in expected + recompute
@@ -74,6 +75,38 @@ def test_hc_recompute_saves_at_most_three_units_per_layer(result):
     for row in rows:
         extra = row["extra_saved_units_per_layer"]
         assert extra <= 3, (row["variant"], extra)
+
+
+# Aten ops of one sublayer's hyper-connection, forward + backward, before the coefficients
+# were batched (DHC 169, mHC 885 with Sinkhorn's unrolled autograd, mHC-lite 211): the counts
+# are hardware independent, so a bound catches a change that adds ops.
+OPS_BOUND = {"DHC": 130, "mHC": 442, "mHC-lite": 155}
+
+
+def test_ops_per_sublayer_are_counted_and_bounded(result):
+    for row in result["results"]:
+        if row["variant"] == "residual":
+            assert row["ops_per_sublayer"] is None and row["ops_forward_backward"] is None
+            continue
+        forward, backward = row["ops_forward_backward"]
+        assert forward > 0 and backward > 0 and row["ops_per_sublayer"] == forward + backward
+        kind = row["variant"].split(" n=")[0]
+        assert row["ops_per_sublayer"] <= OPS_BOUND[kind], (row["variant"], forward, backward)
+
+
+def test_demo_preset_is_the_demo_model_and_flags_override_it():
+    import demo as demo_tool
+
+    preset = benchmark.parse_args(["--preset", "demo"])
+    flags = dict(zip(demo_tool.MODEL_FLAGS[::2], demo_tool.MODEL_FLAGS[1::2], strict=True))
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        assert getattr(preset, name) == int(flags["--" + name.replace("_", "-")]), name
+    assert preset.micro_batch_size == int(flags["--micro-batch-size"])
+    # The demo's ByteTokenizer: 257 ids, padded to a multiple of 128; FFN 4x hidden.
+    assert (preset.vocab_size, preset.ffn_hidden_size) == (384, 512)
+    changed = benchmark.parse_args(["--preset", "demo", "--vocab-size", "8192"])
+    assert (changed.vocab_size, changed.hidden_size) == (8192, 128)
+    assert benchmark.parse_args([]).hidden_size == 1024
 
 
 def test_bad_arguments_are_refused_before_any_work(capsys):

@@ -11,12 +11,17 @@ transformer layer and on a small GPT built from megatron-core's own specs:
   over the baseline, hardware independent;
 - parameters and FLOPs per token (analytic: matmuls and the connections' multiply-adds), as
   overheads over the baseline;
+- operations per sublayer: the aten ops one sublayer's hyper-connection dispatches in its
+  forward and backward (width and depth connection, parameter gradients included, the branch
+  left out), counted on the model's first hyper-connection module on its own: hardware
+  independent, and on a GPU the kernel launches that small-size steps pay for;
 - the backend the hyper-connections run on, and why (``backends.config_backend``).
 
 Writes ``benchmark.json`` and ``benchmark.md`` (the table) into ``--output-dir``. Runs on CPU
 (gloo, one process) and on a GPU (NCCL; the Transformer Engine spec when it is installed).
 
     python tools/benchmark.py                       # CPU default: hidden 1024, sequence 512
+    python tools/benchmark.py --preset demo         # the size of tools/demo.py
     python tools/benchmark.py --bf16 --hidden-size 2048 --num-layers 16 --seq-length 2048 \\
         --vocab-size 32768 --streams 4             # a ~1B-parameter GPT on one GPU
 """
@@ -36,10 +41,32 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron.hyper_connections.manifold_hyper_connection import coefficient_width
+from megatron.hyper_connections.permutations import MAX_STREAMS
 from megatron.hyper_connections.saved_memory import saved_tensor_bytes
 
 UNITS_NOTE = "units: one [s, b, C] activation of the model's dtype"
+OPS_NOTE = (
+    "aten ops that one sublayer's hyper-connection dispatches, forward + backward (width and "
+    "depth connection with the branch input as branch output, the loss's backward and the "
+    "gradient accumulation included), counted on one module on its own; Triton kernels are "
+    "not aten ops"
+)
+
+PRESETS = {
+    "default": {},
+    # tools/demo.py's model: its ByteTokenizer's 257 ids padded to a multiple of 128.
+    "demo": {
+        "hidden_size": 128,
+        "num_attention_heads": 4,
+        "seq_length": 128,
+        "micro_batch_size": 8,
+        "num_layers": 4,
+        "vocab_size": 384,
+    },
+}
 
 
 @dataclass
@@ -68,6 +95,13 @@ class Case:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="model size: default (hidden 1024, sequence 512) or demo (tools/demo.py's: hidden "
+        "128, sequence 128, micro-batch 8, vocab 384); the size flags override it",
+    )
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--num-attention-heads", type=int, default=16)
     parser.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4x hidden")
@@ -96,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmark"))
+    preset, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**PRESETS[preset.preset])
     args = parser.parse_args(argv)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -127,6 +163,14 @@ def variants(args: argparse.Namespace, scope: str) -> list[Variant]:
     for n in args.streams:
         mhc = {"num_residual_streams": n, "use_manifold_hyper_connections": True}
         rows.append(Variant(f"mHC n={n}", mhc, n))
+    for n in args.streams:
+        if n <= MAX_STREAMS:  # n! logits per token
+            lite = {
+                "num_residual_streams": n,
+                "use_manifold_hyper_connections": True,
+                "mhc_h_res_parameterization": "permutations",
+            }
+            rows.append(Variant(f"mHC-lite n={n}", lite, n))
     n = args.extras_streams
     options_of = {
         "recompute": {"recompute_hyper_connections": True},
@@ -289,6 +333,64 @@ def saved_bytes(case: Case) -> int:
     return saved
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_sublayer(
+    case: Case, args: argparse.Namespace, device: torch.device
+) -> tuple[int, int] | None:
+    """(forward, backward) aten ops of one sublayer's hyper-connection, None without.
+
+    Counted on the model's first hyper-connection module on its own, with the benchmark's
+    [s, b, n*C] state and the branch input as the branch output: the width and depth
+    connections forward, then the backward of a weighted sum of the new state (the loss's own
+    backward and the gradient accumulation of the parameters and the state included). Without
+    the state chain of HC recompute, which spans sublayers.
+    """
+    from megatron.hyper_connections import HyperConnectionBase
+
+    module = next((m for m in case.model.modules() if isinstance(m, HyperConnectionBase)), None)
+    if module is None:
+        return None
+    chain, position = module.state_chain, module.chain_position
+    module.use_state_chain(None, 0)
+    try:
+        return _count_ops(module, args, device)
+    finally:
+        module.use_state_chain(chain, position)
+        case.model.zero_grad(set_to_none=True)
+
+
+def _count_ops(module, args: argparse.Namespace, device: torch.device) -> tuple[int, int]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (args.seq_length, args.micro_batch_size, module.num_rows * module.row_size)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    state = torch.randn(shape, generator=generator, device=device).to(dtype).requires_grad_()
+    weight = torch.randn(shape, generator=generator, device=device)
+
+    def forward() -> Tensor:
+        branch_input, depth_inputs = module.width_connection(state)
+        return module.depth_connection(branch_input, depth_inputs)
+
+    for _ in range(2):  # warm-up: anything built on the first call is not counted
+        (forward().float() * weight).sum().backward()
+    with OpCounter() as forward_ops:
+        new_state = forward()
+    loss = (new_state.float() * weight).sum()
+    with OpCounter() as backward_ops:
+        loss.backward()
+    return forward_ops.count, backward_ops.count
+
+
 def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> float:
     """Forward+backward FLOPs per token (backward = 2x forward), analytic."""
     c, f, s = args.hidden_size, args.ffn_hidden_size, args.seq_length
@@ -299,7 +401,8 @@ def flops_per_token(args: argparse.Namespace, variant: Variant, scope: str) -> f
         per_sublayer = 2 * n * c + 2 * n * n * c + 2 * n * c  # H_pre X, H_res X + H_post^T y
         # The projection reads all n*C numbers of the state once (HC per row, mHC per token),
         # and runs once more in backward, where the coefficients are rebuilt from X.
-        width = n * n + 2 * n if variant.manifold else n + 2
+        parameterization = variant.hc.get("mhc_h_res_parameterization", "sinkhorn")
+        width = coefficient_width(n, parameterization) if variant.manifold else n + 2
         per_sublayer += (2 * n * c * width + 2 * n * c) * 4 / 3
         if variant.hc.get("recompute_hyper_connections"):
             per_sublayer += (2 * n * n * c + 2 * n * c) / 3  # the depth connection, once more
@@ -315,6 +418,7 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
     unit = args.seq_length * args.micro_batch_size * args.hidden_size * dtype_bytes
     layers = 1 if scope == "layer" else args.num_layers
     saved = [saved_bytes(case) / unit / layers for case in cases]
+    ops = [ops_per_sublayer(case, args, device) for case in cases]
     time_cases(cases, args, device)
 
     base = cases[0]
@@ -322,7 +426,7 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
     base_params = sum(p.numel() for p in base.model.parameters())
     base_flops = flops_per_token(args, base.variant, scope)
     rows = []
-    for case, units in zip(cases, saved, strict=True):
+    for case, units, counts in zip(cases, saved, ops, strict=True):
         params = sum(p.numel() for p in case.model.parameters())
         median = statistics.median(case.times)
         flops = flops_per_token(args, case.variant, scope)
@@ -342,11 +446,14 @@ def run_scope(scope: str, args: argparse.Namespace, device: torch.device) -> lis
                 "parameter_overhead": params / base_params - 1,
                 "flops_per_token": flops,
                 "flop_overhead": flops / base_flops - 1,
+                "ops_per_sublayer": None if counts is None else sum(counts),
+                "ops_forward_backward": counts,
             }
         )
         print(
             f"{scope:5s} {case.variant.name:22s} {rows[-1]['time_ratio']:.3f}x "
             f"({1e3 * median:.1f} ms), extra saved {rows[-1]['extra_saved_units_per_layer']:.2f}, "
+            f"ops/sublayer {rows[-1]['ops_per_sublayer'] or '-'}, "
             f"{case.backend[0]} backend: {case.backend[1]}",
             flush=True,
         )
@@ -388,22 +495,24 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
     where = info.get("gpu") or f"{info['processor']}, {info['cpu_threads']} threads"
     lines = [
         f"Machine: {where}; torch {info['torch']}, megatron-core {info.get('megatron_core')}. "
-        f"Model: hidden {args.hidden_size}, FFN {args.ffn_hidden_size}, heads "
-        f"{args.num_attention_heads}, sequence {args.seq_length}, micro-batch "
+        f"Model ({args.preset} preset): hidden {args.hidden_size}, FFN {args.ffn_hidden_size}, "
+        f"heads {args.num_attention_heads}, sequence {args.seq_length}, micro-batch "
         f"{args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}; GPT: "
         f"{args.num_layers} layers, vocab {args.vocab_size}. Median of {args.repeats} steps.",
         "",
-        "| scope | variant | backend | step time | vs residual | extra saved / layer | params "
-        "| FLOPs |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| scope | variant | backend | step time | vs residual | extra saved / layer "
+        "| ops / sublayer | params | FLOPs |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['scope']} | {row['variant']} | {row['backend']} | {row['step_ms']:.1f} ms "
             f"| {row['time_ratio']:.3f}x | {row['extra_saved_units_per_layer']:.2f} "
+            f"| {row['ops_per_sublayer'] or '-'} "
             f"| {100 * row['parameter_overhead']:+.2f}% | {100 * row['flop_overhead']:+.2f}% |"
         )
     lines += ["", f"Saved for backward: {UNITS_NOTE}, counted with saved-tensor hooks.", ""]
+    lines += [f"Ops / sublayer: {OPS_NOTE}.", ""]
     lines += ["Why each backend (`backends.config_backend`):", ""]
     reasons = {row["variant"]: row["backend_reason"] for row in rows if row["backend"] != "-"}
     lines += [f"- {variant}: {reason}" for variant, reason in reasons.items()]

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor
 
 from .projection import Projection, rms_projection, rms_projection_backward
-from .streams import BranchOutput, Mixing, branch_input, coefficient_dtype, merge_branch_output
+from .streams import (
+    BranchOutput,
+    Mixing,
+    branch_input,
+    coefficient_dtype,
+    merge_branch_output,
+    per_token_matmul,
+)
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -68,11 +75,11 @@ class TorchOps:
     ) -> Tensor:
         """dH_pre = dh0 X^T (per token); adds H_pre^T dh0 to ``grad_rows``."""
         grad = grad.to(h_pre.dtype).unflatten(-1, (-1, rows.shape[-1]))  # [T, k, D]
-        grad_pre = grad @ rows.to(h_pre.dtype).transpose(-1, -2)
+        grad_pre = per_token_matmul(grad, rows.to(h_pre.dtype).transpose(-1, -2))
         if grad_rows is not None:
             h_pre_t = h_pre.transpose(-1, -2)
             if grad.shape[-2] > 1:
-                grad_rows.add_(h_pre_t @ grad)
+                grad_rows.add_(per_token_matmul(h_pre_t, grad))
             else:  # k = 1: an outer product, done in place
                 grad_rows.addcmul_(h_pre_t, grad)
         return grad_pre
@@ -100,11 +107,11 @@ class TorchOps:
         # contiguous: a broadcast gradient (e.g. of a sum) would make bmm go token by token
         grad = grad.to(compute).contiguous().unflatten(-1, (-1, row_size))  # dX' [T, N, D]
         y_rows = _branch_y(branch).to(compute).unflatten(-1, (-1, row_size))  # [T, k, D]
-        grad_rows = h_res.transpose(-1, -2) @ grad
-        grad_res = grad @ rows.to(compute).transpose(-1, -2)  # dX' X^T
+        grad_rows = per_token_matmul(h_res.transpose(-1, -2), grad)
+        grad_res = per_token_matmul(grad, rows.to(compute).transpose(-1, -2))  # dX' X^T
         if y_rows.shape[-2] == 1:  # every row received the same y: matmuls, no temporaries
-            grad_post = (grad @ y_rows.transpose(-1, -2)).squeeze(-1)
-            grad_y = h_post.unsqueeze(-2) @ grad
+            grad_post = per_token_matmul(grad, y_rows.transpose(-1, -2)).squeeze(-1)
+            grad_y = per_token_matmul(h_post.unsqueeze(-2), grad)
         else:
             grad_post = (grad * y_rows).sum(dim=-1)
             grad_y = h_post.unsqueeze(-1) * grad

@@ -83,9 +83,9 @@ def hc_coefficients(
         if use_tanh:
             d = torch.tanh(d)
         d_pre, d_res, d_post = d.split([k, n, 1], dim=-1)
-        a_pre = scale_pre_res * d_pre + a_pre
-        a_res = scale_pre_res * d_res + a_res
-        b = scale_post * d_post.squeeze(-1) + b
+        a_pre = torch.addcmul(a_pre, scale_pre_res, d_pre)
+        a_res = torch.addcmul(a_res, scale_pre_res, d_res)
+        b = torch.addcmul(b, scale_post, d_post.squeeze(-1))
     return Mixing(h_pre=a_pre.transpose(-1, -2), h_post=b, h_res=a_res.transpose(-1, -2))
 
 

@@ -42,7 +42,7 @@ from .hyper_connection import HyperConnectionBase
 from .options import MHC, MHC_LITE, variant_name
 from .permutations import MAX_STREAMS, num_permutations, permutation_mixture
 from .projection import Projection, rms_projection
-from .sinkhorn import sinkhorn_knopp
+from .sinkhorn import sinkhorn_knopp_tokens_last
 from .streams import Mixing
 
 __all__ = ["ManifoldHyperConnection", "mhc_coefficients", "mhc_mixing"]
@@ -66,29 +66,43 @@ def mhc_coefficients(
     """
     num_proposals, width = bias.shape
     n = num_streams(width, h_res_parameterization)
-    res_width = width - 2 * n
     t = bias
     if projection is not None:
-        scaled = (projection.proj * projection.inv_rms).squeeze(-2)
-        proj = scaled.unflatten(-1, (num_proposals, width))
-        # a_pre, a_post, a_res broadcast over their groups (no data-dependent shapes, which
-        # torch.compile could not trace).
-        gate = torch.cat(
-            [
-                g.expand(num_proposals, size)
-                for g, size in zip(gates.split(1, -1), (n, n, res_width), strict=True)
-            ],
-            dim=-1,
-        )
-        t = gate * proj + bias
-    t_pre, t_post, t_res = t.split([n, n, res_width], dim=-1)
-    h_pre = torch.sigmoid(t_pre).mean(dim=-2)
-    h_post = (2.0 * torch.sigmoid(t_post)).mean(dim=-2)
+        # Every logit of every proposal in one pass, each gate gathered onto its group.
+        proj = projection.proj.view(*projection.proj.shape[:-2], num_proposals, width)
+        gate = gates[:, _gate_groups(n, width, gates.device)]
+        t = torch.addcmul(bias, gate, proj * projection.inv_rms)
+    t_pre_post, t_res = t.split([2 * n, width - 2 * n], dim=-1)
+    h_pre, h_post = torch.sigmoid(t_pre_post).mean(dim=-2).split(n, dim=-1)
     if h_res_parameterization == "permutations":
-        h_res = permutation_mixture(t_res, n)
+        h_res = permutation_mixture(t_res, n).mean(dim=-3)
     else:
-        h_res = sinkhorn_knopp(t_res.unflatten(-1, (n, n)), sinkhorn_iters, log_domain_sinkhorn)
-    return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=h_post, h_res=h_res.mean(dim=-3))
+        h_res = _sinkhorn_mean(t_res, n, sinkhorn_iters, log_domain_sinkhorn)
+    return Mixing(h_pre=h_pre.unsqueeze(-2), h_post=2.0 * h_post, h_res=h_res)
+
+
+_GATE_GROUPS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def _gate_groups(n: int, width: int, device: torch.device) -> Tensor:
+    """Which gate, 0 (a_pre), 1 (a_post) or 2 (a_res), scales each of the W logits; built once
+    per device (a dict, not functools.cache, which torch.compile warns about)."""
+    key = (n, width, device)
+    if key not in _GATE_GROUPS:
+        groups = [0] * n + [1] * n + [2] * (width - 2 * n)
+        _GATE_GROUPS[key] = torch.tensor(groups, device=device)
+    return _GATE_GROUPS[key]
+
+
+def _sinkhorn_mean(t_res: Tensor, n: int, num_iters: int, log_domain: bool) -> Tensor:
+    """mean_p Sinkhorn(t_res[..., p, :] as n x n) for t_res [..., P, n*n], computed with the
+    tokens last (see ``sinkhorn``)."""
+    lead, num_proposals = t_res.shape[:-2], t_res.shape[-2]
+    logits = t_res.reshape(-1, num_proposals, n, n).permute(1, 2, 3, 0).contiguous()
+    h_res = sinkhorn_knopp_tokens_last(logits, num_iters, log_domain)
+    # The mean over proposals writes the tokens first again, contiguous (a strided H_res
+    # would make the stream matmuls slow).
+    return h_res.permute(3, 1, 2, 0).mean(dim=-1).view(*lead, n, n)
 
 
 def coefficient_width(n: int, h_res_parameterization: str = "sinkhorn") -> int:

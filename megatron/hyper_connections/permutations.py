@@ -11,7 +11,6 @@ columns summing to 1, and the weights sum to 1), with no iterations: one softmax
 [n!] x [n*n] matmul. The cost is n! logits per token, so n is limited to ``MAX_STREAMS``.
 """
 
-import functools
 import itertools
 import math
 
@@ -29,10 +28,9 @@ def num_permutations(n: int) -> int:
     return math.factorial(n)
 
 
-@functools.cache
-def _permutation_matrices(n: int) -> Tensor:
-    rows = torch.tensor(list(itertools.permutations(range(n))))  # [n!, n], identity first
-    return torch.nn.functional.one_hot(rows, n).float()  # P_k[i, perm_k(i)] = 1
+_PERMUTATION_MATRICES: dict[tuple[int, torch.dtype, torch.device | None], Tensor] = {}
+"""Built once per device (a copy to a GPU every call would wait for the host); a dict, not
+functools.cache, which torch.compile warns about."""
 
 
 def permutation_matrices(n: int, dtype: torch.dtype, device: torch.device | None) -> Tensor:
@@ -43,7 +41,12 @@ def permutation_matrices(n: int, dtype: torch.dtype, device: torch.device | None
             f"H_res as a mixture of permutations takes 1 to {MAX_STREAMS} streams "
             f"(n! logits per token), got n={n}"
         )
-    return _permutation_matrices(n).to(dtype=dtype, device=device)
+    key = (n, dtype, device)
+    if key not in _PERMUTATION_MATRICES:
+        rows = torch.tensor(list(itertools.permutations(range(n))))  # [n!, n], identity first
+        one_hot = torch.nn.functional.one_hot(rows, n)  # P_k[i, perm_k(i)] = 1
+        _PERMUTATION_MATRICES[key] = one_hot.to(dtype=dtype, device=device)
+    return _PERMUTATION_MATRICES[key]
 
 
 def permutation_mixture(logits: Tensor, n: int) -> Tensor:

@@ -16,7 +16,6 @@ k = 1 for Hyper-Connections (the branch reads one C-vector); k = N = m for Frac-
 
 from typing import NamedTuple
 
-import einops
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +27,7 @@ __all__ = [
     "coefficient_dtype",
     "expand_streams",
     "merge_branch_output",
+    "per_token_matmul",
     "reduce_streams",
 ]
 
@@ -59,14 +59,32 @@ class BranchOutput(NamedTuple):
 def coefficient_dtype(state: Tensor) -> torch.dtype:
     """The coefficients' precision: fp32 for fp32, bf16 and fp16 states (the mHC paper's
     rule), fp64 for fp64 ones (exact tests)."""
-    return torch.promote_types(state.dtype, torch.float32)
+    return torch.float64 if state.dtype == torch.float64 else torch.float32
+
+
+def per_token_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for the small per-token matrices of the connections: ``torch.bmm`` where both are
+    one batch of matrices [T, ., .] (the lean path; one op instead of matmul's five),
+    ``torch.matmul`` with its broadcasting otherwise."""
+    if a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]:
+        return torch.bmm(_unit_stride(a), _unit_stride(b))
+    return torch.matmul(a, b)
+
+
+def _unit_stride(matrices: Tensor) -> Tensor:
+    """``matrices`` if rows or columns are contiguous, as BLAS takes them, else a contiguous
+    copy: a batch of tiny matrices without either (a column slice of the coefficients, or
+    tokens laid out last) makes bmm ten times slower than the copy."""
+    if matrices.stride(-1) == 1 or matrices.stride(-2) == 1:
+        return matrices
+    return matrices.contiguous()
 
 
 def expand_streams(x: Tensor, num_streams: int) -> Tensor:
     """[..., C] -> [..., n*C]: copy the decoder input into all n streams."""
     if num_streams == 1:
         return x
-    return einops.repeat(x, "... c -> ... (n c)", n=num_streams)
+    return x.repeat(*(1,) * (x.dim() - 1), num_streams)
 
 
 def reduce_streams(state: Tensor, num_streams: int) -> Tensor:
@@ -78,13 +96,15 @@ def reduce_streams(state: Tensor, num_streams: int) -> Tensor:
     """
     if num_streams == 1:
         return state
-    return einops.reduce(state, "... (n c) -> ... c", "mean", n=num_streams)
+    # A mean over the stream axis as laid out (einops' reduce permutes it last first, which
+    # makes its backward several times slower).
+    return state.unflatten(-1, (num_streams, -1)).mean(dim=-2)
 
 
 def branch_input(state: Tensor, h_pre: Tensor) -> Tensor:
     """h0 = H_pre X, flattened: state [..., N, D], h_pre [..., k, N] -> [..., k*D]; computed in
     the coefficients' dtype, returned in the state's."""
-    return torch.matmul(h_pre, state.to(h_pre.dtype)).flatten(-2).to(state.dtype)
+    return per_token_matmul(h_pre, state.to(h_pre.dtype)).flatten(-2).to(state.dtype)
 
 
 def merge_branch_output(
@@ -106,7 +126,7 @@ def merge_branch_output(
     """
     row_size = state.shape[-1]
     branch_rows = branch_output.unflatten(-1, (-1, row_size))
-    mixed = torch.matmul(h_res, state)
+    mixed = per_token_matmul(h_res, state)
     if dropout > 0.0 and training:
         contribution = F.dropout(h_post.unsqueeze(-1) * branch_rows, p=dropout, training=True)
         return (mixed + contribution).flatten(-2)
