@@ -3,7 +3,6 @@ megatron-core GPT datasets built from its output."""
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from megatron.hyper_connections.data.tokenizers import (
     Tokenizer,
     build_tokenizer,
 )
+from tests.processes import child_environment
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "preprocess_data.py"
 TEXTS = [
@@ -436,7 +436,7 @@ def test_preprocess_killed_mid_way_is_cleaned_up_by_the_next_run(tool, tmp_path)
     out = tmp_path / "out"
     command = [sys.executable, str(TOOL), "--input", "embedded", "--output-prefix"]
     command += [str(out / "corpus"), "--embedded-max-bytes", "30000000"]
-    env = {**os.environ, "PYTHONPATH": str(TOOL.parents[1])}
+    env = child_environment(PYTHONPATH=str(TOOL.parents[1]))
     with ProcessTree(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as run:
         deadline = time.monotonic() + 120
         while not list(out.glob(".corpus.*.partial")):  # made before the first document

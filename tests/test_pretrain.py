@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import signal
@@ -34,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_distributed
-from tests.processes import ProcessTree
+from tests.processes import ProcessTree, child_environment
 
 ITERATIONS = 8
 STALL_AT = 6  # the killed run stalls when it starts this iteration (5 logged, 4 checkpointed)
@@ -198,7 +197,7 @@ def test_run_killed_after_a_checkpoint_resumes_with_the_same_losses(
     driver.write_text(DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", str(driver), *_flags(dataset, tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     log = tmp_path / "killed.log"
     # Leaving the block kills whatever is left of the run, however the test ends.
     with (
@@ -430,7 +429,7 @@ def diverged_run(tmp_path_factory: pytest.TempPathFactory, dataset: str) -> tupl
     """The diverging run, one process through ``python -m``: (its directory, exit status)."""
     run = tmp_path_factory.mktemp("diverged")
     command = [sys.executable, "-m", "megatron.hyper_connections.training.pretrain"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     log = run / "console.log"
     with (
         log.open("w") as output,
@@ -660,7 +659,7 @@ def test_sigterm_saves_and_exits_and_the_run_resumes_with_the_same_losses(
     flags = _flags(dataset, tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", str(driver), *flags, "--exit-signal-handler"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # torchrun passes SIGTERM on and SIGKILLs a rank still running this long after.
     env.update(RELEASE=str(tmp_path / "release"), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")
     log = tmp_path / "terminated.log"
@@ -722,7 +721,7 @@ def test_a_stopped_rank_ends_the_job_after_the_timeout(dataset: str, tmp_path: P
     flags += ["--distributed-timeout-minutes", str(timeout_minutes)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", "-m", "megatron.hyper_connections.training.pretrain"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_environment(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = "2"  # torchrun: SIGTERM, then SIGKILL 2 s later
     log = tmp_path / "stopped.log"
     with (
