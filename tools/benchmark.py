@@ -22,6 +22,7 @@ Writes ``benchmark.json`` and ``benchmark.md`` (the table) into ``--output-dir``
 
     python tools/benchmark.py                       # CPU default: hidden 1024, sequence 512
     python tools/benchmark.py --preset demo         # the size of tools/demo.py
+    python tools/benchmark.py --threads 1 --clock cpu   # CPU time: on a machine shared with others
     python tools/benchmark.py --bf16 --hidden-size 2048 --num-layers 16 --seq-length 2048 \\
         --vocab-size 32768 --streams 4             # a ~1B-parameter GPT on one GPU
 """
@@ -129,6 +130,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "compile, plus fused on CUDA with Triton)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch)")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="step time as wall time, or as the CPU time of this process (CPU only; with "
+        "--threads 1 it is what the step costs whatever else the machine runs)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("benchmark"))
     preset, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESETS[preset.preset])
@@ -153,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.extras = ["recompute", "compile"] + ["fused"] * fused_available
     elif "fused" in args.extras and not fused_available:
         parser.error("--extras fused needs a CUDA device and Triton")
+    if args.clock == "cpu" and torch.cuda.is_available():
+        parser.error("--clock cpu times CPU work; on a GPU the step time is wall time")
     return args
 
 
@@ -314,15 +324,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_cases(cases: list[Case], args: argparse.Namespace, device: torch.device) -> None:
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for repeat in range(args.warmup + args.repeats):
         for case in cases:
             case.model.zero_grad(set_to_none=True)
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             case.forward().backward()
             synchronize(device)
             if repeat >= args.warmup:
-                case.times.append(time.perf_counter() - start)
+                case.times.append(clock() - start)
 
 
 def saved_bytes(case: Case) -> int:
@@ -466,6 +477,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": cpu_model() or platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average": [os.getloadavg()[0]],  # 1 minute, at the start (and the end, added)
         "torch": torch.__version__,
         "device": str(device),
     }
@@ -498,7 +510,9 @@ def markdown(rows: list[dict[str, Any]], info: dict[str, Any], args: argparse.Na
         f"Model ({args.preset} preset): hidden {args.hidden_size}, FFN {args.ffn_hidden_size}, "
         f"heads {args.num_attention_heads}, sequence {args.seq_length}, micro-batch "
         f"{args.micro_batch_size}, {'bf16' if args.bf16 else 'fp32'}; GPT: "
-        f"{args.num_layers} layers, vocab {args.vocab_size}. Median of {args.repeats} steps.",
+        f"{args.num_layers} layers, vocab {args.vocab_size}. Median of {args.repeats} steps "
+        f"({'CPU time of the process' if args.clock == 'cpu' else 'wall time'}); load average "
+        f"{' then '.join(f'{load:.1f}' for load in info['load_average'])}.",
         "",
         "| scope | variant | backend | step time | vs residual | extra saved / layer "
         "| ops / sublayer | params | FLOPs |",
@@ -526,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = setup_megatron()
     info = machine(device)
     rows = [row for scope in args.scopes for row in run_scope(scope, args, device)]
+    info["load_average"] = [info["load_average"][0], os.getloadavg()[0]]
     result = {"machine": info, "arguments": vars(args) | {"output_dir": str(args.output_dir)}}
     result["results"] = rows
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -111,8 +111,9 @@ class TransformerConfig(MCoreTransformerConfig):
 
     hyper_connections_compile: bool = hc_option(False)
     """Run the coefficient computation (RMS factor, gates, tanh / sigmoid, Sinkhorn and their
-    backward) through ``torch.compile``: dozens of small per-token ops, hundreds for mHC's
-    Sinkhorn, become a few fused kernels. Costs a compilation on the first steps."""
+    backward) through ``torch.compile``: a few fused kernels instead of some 20 small per-token
+    ops (about 100 per pass of mHC's Sinkhorn). Costs a compilation of 20-30 s on the first
+    steps; on a CPU the eager ops are as fast, so it is off by default."""
 
     hyper_connections_fused_kernels: bool = hc_option(False)
     """Triton kernels for every pass over the state (the RMS projection, the width connection

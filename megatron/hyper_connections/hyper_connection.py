@@ -168,9 +168,9 @@ class HyperConnectionBase(nn.Module):
         self.state_chain, self.chain_position = chain, position
 
     def compile_coefficients(self) -> None:
-        """Run the coefficient computation through ``torch.compile``: in PyTorch it is dozens
-        of small per-token ops (hundreds for mHC's Sinkhorn iterations) that compile into a
-        few fused kernels, forward and backward."""
+        """Run the coefficient computation through ``torch.compile``: its small per-token ops
+        (some 20, about 100 per pass of mHC's Sinkhorn) compile into a few fused kernels,
+        forward and backward."""
         self._compile_coefficients = True
         self.choose_backend()
 
