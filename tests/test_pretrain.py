@@ -204,16 +204,7 @@ def test_run_killed_after_a_checkpoint_resumes_with_the_same_losses(
         log.open("w") as output,
         ProcessTree(command, cwd=REPO, env=env, stdout=output, stderr=output) as run,
     ):
-        deadline = time.monotonic() + 240
-        tracker = save / "latest_checkpointed_iteration.txt"
-        while not (
-            tracker.is_file()
-            and tracker.read_text().strip() == "4"
-            and STALL_AT - 1 in _safe_records(tmp_path)
-        ):
-            assert run.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run did not reach its checkpoint"
-            time.sleep(0.2)
+        _wait_until_stalled(run, save, tmp_path, log)
         assert run.poll() is None, "the run ended before it was killed"
         # As in a crash: torchrun and both ranks get SIGKILL at once (and are gone after it).
         killed = run.kill()
@@ -236,6 +227,21 @@ def test_run_killed_after_a_checkpoint_resumes_with_the_same_losses(
         steps = [event.step for event in events.Scalars("lm loss")]
         assert steps == list(range(1, ITERATIONS + 1)), "TensorBoard kept the lost iteration 5"
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERATIONS)
+
+
+def _wait_until_stalled(run: ProcessTree, save: Path, run_dir: Path, log: Path) -> None:
+    """Until the stalling run has checkpointed iteration 4 and logged the one before it stalls
+    (it must not end before)."""
+    deadline = time.monotonic() + 240
+    tracker = save / "latest_checkpointed_iteration.txt"
+    while not (
+        tracker.is_file()
+        and tracker.read_text().strip() == "4"
+        and STALL_AT - 1 in _safe_records(run_dir)
+    ):
+        assert run.poll() is None, _tail(log)
+        assert time.monotonic() < deadline, "the run did not reach its checkpoint"
+        time.sleep(0.2)
 
 
 def _safe_records(run: Path) -> dict[int, dict[str, float]]:
@@ -667,16 +673,7 @@ def test_sigterm_saves_and_exits_and_the_run_resumes_with_the_same_losses(
         log.open("w") as output,
         ProcessTree(command, cwd=REPO, env=env, stdout=output, stderr=output) as run,
     ):
-        deadline = time.monotonic() + 240
-        tracker = save / "latest_checkpointed_iteration.txt"
-        while not (
-            tracker.is_file()
-            and tracker.read_text().strip() == "4"
-            and STALL_AT - 1 in _safe_records(tmp_path)
-        ):
-            assert run.poll() is None, _tail(log)
-            assert time.monotonic() < deadline, "the run did not reach its checkpoint"
-            time.sleep(0.2)
+        _wait_until_stalled(run, save, tmp_path, log)
 
         # Meanwhile a second run on the same --save is refused (rank 0 takes the lock).
         _no_set_up(monkeypatch)
@@ -697,6 +694,7 @@ def test_sigterm_saves_and_exits_and_the_run_resumes_with_the_same_losses(
             process.send_signal(signal.SIGTERM)
         (tmp_path / "release").touch()
         _finish(run, log, 240)
+    tracker = save / "latest_checkpointed_iteration.txt"
     console = log.read_text()
     assert console.count("exiting after receiving SIGTERM (--exit-signal-handler)") == 1, _tail(log)
     assert tracker.read_text().strip() == str(STALL_AT), _tail(log)  # the step it finished
