@@ -178,3 +178,16 @@ def _freeze(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
         todo = [child for process in frozen for child in descendants(process)]
         todo = [process for process in todo if process not in frozen]
     return frozen
+
+
+# torch.distributed's rendezvous variables: the test session's own process group set them
+# (tests/conftest.py), and a one-process run started from the tests must not bind its port.
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """``os.environ`` without the session's rendezvous variables, with ``overrides``."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS}
+    return {**env, **overrides}

@@ -23,6 +23,10 @@ MODULES = {
         C, 4, log_domain_sinkhorn=True, num_proposals=3
     ),
     "mHCx2-static": lambda i: ManifoldHyperConnection(C, 2, dynamic=False),
+    "mHCx4-lite": lambda i: ManifoldHyperConnection(C, 4, h_res_parameterization="permutations"),
+    "mHCx3-lite-3proposals": lambda i: ManifoldHyperConnection(
+        C, 3, num_proposals=3, h_res_parameterization="permutations"
+    ),
 }
 
 
@@ -100,7 +104,7 @@ def saved_units(hc: nn.Module, fn, unit_numel: int) -> float:
     return saved / (8 * unit_numel)
 
 
-@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx4-log-3proposals"])
+@pytest.mark.parametrize("variant", ["DHCx4", "mHCx4", "mHCx4-log-3proposals", "mHCx4-lite"])
 def test_lean_autograd_saves_state_and_branch_output_only(variant):
     """Per sublayer: X (n units) and y (1 unit), nothing else; the branch saves its own."""
     hcs, _, state = _network(variant, num_sublayers=1)

@@ -151,6 +151,7 @@ def test_checkpoint_records_the_hyper_connection_configuration(checkpoints) -> N
         "variant": "dynamic HC",
         "num_residual_streams": 4,
         "num_fracs": 1,
+        "hyper_connections_tanh": True,
         "mhc_num_dynamic_alpha_proposals": 1,
         "mhc_h_res_parameterization": "sinkhorn",
     }

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy
@@ -23,6 +24,7 @@ from megatron.hyper_connections.data.tokenizers import (
     Tokenizer,
     build_tokenizer,
 )
+from tests.processes import child_environment
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "preprocess_data.py"
 TEXTS = [
@@ -380,16 +382,27 @@ def test_blend_cached_in_distributed_run(megatron_single_rank, tool, tmp_path):
         (["--input", "{bad_line}"], ValueError, r"bad\.jsonl line 2: not JSON"),
         (["--input", "{no_key}"], ValueError, r"no_key\.jsonl line 1: no text under"),
         (["--input", "{empty_dir}"], ValueError, "holds no files"),
+        (
+            ["--input", "{empty_file}", "{no_text}"],
+            ValueError,
+            r"--input \S+empty\.jsonl \S+no_text\.jsonl: no document has text to tokenize "
+            r"\(under --json-keys 'text'\): an empty dataset cannot be trained on, nothing was "
+            "written",
+        ),
     ],
 )
 def test_preprocess_errors_leave_no_output(tool, inputs, tmp_path, argv, error, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
     (tmp_path / "no_key.jsonl").write_text('{"title": "x"}\n', encoding="utf-8")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    (tmp_path / "no_text.jsonl").write_text('{"text": ""}\n', encoding="utf-8")
     paths = {
         "bad_line": tmp_path / "bad.jsonl",
         "no_key": tmp_path / "no_key.jsonl",
         "empty_dir": tmp_path / "empty",
+        "empty_file": tmp_path / "empty.jsonl",
+        "no_text": tmp_path / "no_text.jsonl",
     }
     argv = [a.format(**paths) for a in argv]
     if "--input" not in argv:
@@ -414,6 +427,46 @@ def test_preprocess_command_line_error(tmp_path):
         f"preprocess_data.py: error: --input: no such file or directory: {tmp_path}/missing.txt"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_preprocess_killed_mid_way_is_cleaned_up_by_the_next_run(tool, tmp_path):
+    """SIGKILL leaves the hidden staging directory; the next run on the prefix removes it."""
+    from tests.processes import ProcessTree
+
+    out = tmp_path / "out"
+    command = [sys.executable, str(TOOL), "--input", "embedded", "--output-prefix"]
+    command += [str(out / "corpus"), "--embedded-max-bytes", "30000000"]
+    env = child_environment(PYTHONPATH=str(TOOL.parents[1]))
+    with ProcessTree(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as run:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".corpus.*.partial")):  # made before the first document
+            assert run.poll() is None, run.popen.stderr.read().decode()
+            assert time.monotonic() < deadline, "the tool did not start writing"
+            time.sleep(0.02)
+        run.kill()
+    (staging,) = out.glob(".corpus.*.partial")
+    assert not (out / "corpus_text_document.idx").exists()
+
+    flags = ["--input", "embedded", "--embedded-max-bytes", "20000"]
+    stats = tool.main([*flags, "--output-prefix", str(out / "corpus")])
+    assert not staging.exists()
+    assert files_under(out) == {"corpus_text_document.bin", "corpus_text_document.idx"}
+    assert next(iter(stats.values()))["documents"] > 0
+
+
+def test_preprocess_refuses_a_second_run_on_the_same_prefix(tool, tmp_path):
+    import fcntl
+
+    (tmp_path / "out").mkdir()
+    with (tmp_path / "out" / ".corpus.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        with pytest.raises(ValueError) as raised:
+            tool.main(["--input", "embedded", "--output-prefix", str(tmp_path / "out" / "corpus")])
+    assert str(raised.value) == (
+        f"--output-prefix {tmp_path}/out/corpus: another run is writing it (it holds "
+        f"{tmp_path}/out/.corpus.lock)"
+    )
+    assert files_under(tmp_path / "out") == {".corpus.lock"}
 
 
 def test_dataset_errors(tool, inputs, tmp_path):

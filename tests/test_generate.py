@@ -146,6 +146,18 @@ def test_missing_checkpoint_directory(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no checkpoint there" in err
 
 
+def test_prompt_that_is_not_utf8_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # The bytes b"ab\xff" of a command line reach Python as "ab" and a lone surrogate.
+    prompt = b"ab\xff".decode("utf-8", "surrogateescape")
+    err = _usage_error(capsys, ["--load", str(tmp_path / "nowhere"), "--prompt", prompt])
+    assert err.splitlines()[-1] == (
+        "tools/generate.py: error: --prompt is not valid UTF-8 text (byte 0xff at character 2): "
+        "give the prompt in UTF-8"
+    )
+
+
 def test_bad_options(run: tuple[Path, dict], capsys: pytest.CaptureFixture) -> None:
     save, _ = run
     base = ["--load", str(save), "--prompt", "x"]

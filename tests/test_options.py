@@ -131,6 +131,7 @@ def test_checkpoint_record_holds_the_variant_and_every_must_match_option() -> No
     assert must_match_fields() == (
         "num_residual_streams",
         "num_fracs",
+        "hyper_connections_tanh",
         "mhc_num_dynamic_alpha_proposals",
         "mhc_h_res_parameterization",
     )

@@ -89,6 +89,26 @@ def test_plot_stability_skips_gains_of_residual_runs(tmp_path, capsys):
     assert "no composite gains" in capsys.readouterr().out
 
 
+def test_plot_stability_skips_an_incomplete_last_line_and_names_a_broken_one(tmp_path, capsys):
+    run = _write_log(tmp_path / "killed", hc=False)
+    log = run / "scalars.jsonl"
+    complete = plot_stability.load_scalars(run)
+    with log.open("a", encoding="utf-8") as file:
+        file.write('{"iteration": 70, "lm lo')  # a run killed while writing its record
+    code = plot_stability.main([f"--run=killed={run}", "--output-dir", str(tmp_path / "plots")])
+    assert code == 0
+    assert (tmp_path / "plots" / "loss.png").is_file()
+    err = capsys.readouterr().err
+    assert f"warning: {log}: skipped its incomplete last line" in err
+    assert plot_stability.load_scalars(run) == complete
+
+    lines = log.read_text(encoding="utf-8").splitlines()
+    log.write_text("\n".join([lines[0], lines[1][:-5], *lines[2:]]) + "\n", encoding="utf-8")
+    code = plot_stability.main([f"--run=killed={run}", "--output-dir", str(tmp_path / "plots")])
+    assert code == 2
+    assert f"error: killed: {log} line 2 is not a JSON record" in capsys.readouterr().err
+
+
 def test_report_has_a_table_with_the_four_runs(tmp_path):
     results = []
     for name, (label, _) in demo.VARIANTS.items():

@@ -35,6 +35,7 @@ from megatron.hyper_connections.training.checkpoints import (
     TRACKER_FILE,
     checkpoint_iteration,
     checkpoint_path,
+    complete_iterations,
     is_complete,
     saved_train_state,
 )
@@ -125,6 +126,15 @@ def check_options(options: argparse.Namespace) -> None:
                     f"--{flag} {getattr(options, flag)}: only sampling (--top-k K) uses it; "
                     "greedy decoding has no randomness"
                 )
+    try:
+        options.prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # Python keeps undecodable bytes of the command line as lone surrogates.
+        bad = options.prompt[error.start].encode("utf-8", "surrogateescape")
+        raise UsageError(
+            f"--prompt is not valid UTF-8 text (byte {bad[0]:#04x} at character {error.start}): "
+            "give the prompt in UTF-8"
+        ) from None
     options.temperature = 1.0 if options.temperature is None else options.temperature
     options.seed = 1234 if options.seed is None else options.seed
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,8 +159,7 @@ def resolve_iteration(load: str | os.PathLike, iteration: int | None = None) -> 
                 "is it the --save directory of a run?"
             )
     elif not is_complete(directory, iteration):
-        numbers = (path.name.removeprefix("iter_") for path in directory.glob("iter_*"))
-        found = sorted(int(n) for n in numbers if n.isdigit() and is_complete(directory, int(n)))
+        found = complete_iterations(directory)
         raise UsageError(
             f"--iteration {iteration}: no complete checkpoint of it in {load} "
             f"(complete ones: {', '.join(map(str, found)) or 'none'})"
@@ -161,8 +170,12 @@ def resolve_iteration(load: str | os.PathLike, iteration: int | None = None) -> 
 
 
 def saved_args(load: str | os.PathLike, iteration: int) -> argparse.Namespace:
-    """The run's flags from its checkpoint, changed for one process with TP = PP = 1."""
-    args = argparse.Namespace(**saved_train_state(load, iteration)["args"])
+    """The run's flags from its checkpoint, changed for one process with TP = PP = 1; a flag
+    added to the trainer after the run has its default."""
+    from megatron.hyper_connections.training.parser import build_parser as trainer_parser
+
+    defaults = vars(trainer_parser().parse_args([]))
+    args = argparse.Namespace(**{**defaults, **saved_train_state(load, iteration)["args"]})
     for name, value in _SINGLE_PROCESS.items():
         setattr(args, name, value)
     if args.transformer_impl == "transformer_engine" and not torch.cuda.is_available():

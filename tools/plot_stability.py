@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -36,6 +35,7 @@ from megatron.hyper_connections.training.monitoring import (
     JSONL_FILE,
     gain_quantity,
     per_sublayer,
+    read_scalar_records,
     stability_tag,
     sublayer_name,
 )
@@ -44,13 +44,19 @@ Records = list[dict]
 
 
 def load_scalars(path: str | Path) -> Records:
-    """The records of a ``scalars.jsonl`` (or of the one in directory ``path``), by iteration."""
+    """The records of a ``scalars.jsonl`` (or of the one in directory ``path``), by iteration.
+    An incomplete last line (a run killed while writing it) is skipped with a warning; a broken
+    line before it raises ``ValueError`` naming the file and the line."""
     path = Path(path)
     if path.is_dir():
         path = path / JSONL_FILE
-    records = [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    records, incomplete = read_scalar_records(path)
+    if incomplete is not None:
+        print(
+            f"warning: {path}: skipped its incomplete last line (a run stopped while writing "
+            f"it?): {incomplete[:60]!r}",
+            file=sys.stderr,
+        )
     return sorted(records, key=lambda record: record["iteration"])
 
 
@@ -305,7 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not file.is_file():
             print(f"error: {name}: no {file}", file=sys.stderr)
             return 2
-        runs[name] = load_scalars(file)
+        try:
+            runs[name] = load_scalars(file)
+        except ValueError as error:
+            print(f"error: {name}: {error}", file=sys.stderr)
+            return 2
     for path in plot_runs(runs, args.output_dir, args.heatmap_layers, args.statistic):
         print(f"wrote {path}")
     return 0

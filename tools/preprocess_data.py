@@ -17,13 +17,22 @@ Every option, the tokenizer files and the inputs are checked before anything is 
 files are written under a temporary name in the output directory and renamed into place only
 when complete, the ``.idx`` last, so an error or an interrupt never leaves a half-written
 dataset. Token ids are stored as ``uint16`` for vocabularies under 65500 ids, else ``int32``
-(megatron-core's ``DType.optimal_dtype``). Documents that tokenize to nothing are skipped.
+(megatron-core's ``DType.optimal_dtype``). Documents that tokenize to nothing are skipped; if
+no document is left, nothing is written (an empty dataset cannot be trained on).
+
+A run holds a lock on ``.<name>.lock`` beside the output (``flock``, released when the process
+ends, however it ends) and refuses to start while another run writes the same prefix. The
+temporary files live in a hidden ``.<name>.*.partial`` directory beside the output, removed at
+the end; one left by a run that was killed (SIGKILL, a lost node) is removed by the next run
+on the same prefix.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -109,13 +118,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     outputs = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     out_dir = Path(args.output_prefix).parent
+    name = Path(args.output_prefix).name
     created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{Path(args.output_prefix).name}.", dir=out_dir))
-    tmp = {key: str(tmp_dir / f"{key}_document") for key in outputs}
     builders = {}
     done = False
+    lock = tmp_dir = None
     try:
+        lock = _lock(out_dir / f".{name}.lock", args.output_prefix)
+        for stale in out_dir.glob(f".{name}.*.partial"):  # left by killed runs: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_dir))
+        tmp = {key: str(tmp_dir / f"{key}_document") for key in outputs}
         for key in tmp:
             builders[key] = IndexedDatasetBuilder(get_bin_path(tmp[key]), dtype)
         stats = {
@@ -130,6 +144,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 builders[key].add_document(ids, [len(ids)])
                 stats[outputs[key]]["documents"] += 1
                 stats[outputs[key]]["tokens"] += len(ids)
+        for key, prefix in outputs.items():
+            if stats[prefix]["documents"] == 0:
+                raise ValueError(
+                    f"--input {' '.join(args.input)}: no document has text to tokenize (under "
+                    f"--json-keys {key!r}): an empty dataset cannot be trained on, nothing was "
+                    "written"
+                )
         for key, builder in builders.items():
             builder.finalize(get_idx_path(tmp[key]))
         for key, prefix in outputs.items():
@@ -141,13 +162,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     finally:
         for builder in builders.values():
             builder.data_file.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        if lock is not None:
+            # Unlinked while held: a run that opens it later makes a new one, and this run
+            # writes nothing more.
+            Path(lock.name).unlink(missing_ok=True)
+            lock.close()
         if not done:
             # Directories made for the output go too, deepest first, if nothing else is there.
             for directory in created:
                 with contextlib.suppress(OSError):
                     directory.rmdir()
     return stats
+
+
+def _lock(path: Path, output_prefix: str) -> Any:
+    """``path`` opened and exclusively locked; ValueError if another run holds it."""
+    lock = path.open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        lock.close()
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ValueError(
+                f"--output-prefix {output_prefix}: another run is writing it (it holds {path})"
+            ) from None
+        return path.open("a")  # a file system without locks: go on unlocked
+    return lock
 
 
 def _check(args: argparse.Namespace) -> tuple[Tokenizer, list[tuple[str, Path | None]]]:

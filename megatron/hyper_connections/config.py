@@ -81,7 +81,11 @@ class TransformerConfig(MCoreTransformerConfig):
     """Dynamic coefficients computed from each token (DHC, mHC) or static ones only (SHC)."""
 
     hyper_connections_tanh: bool = hc_option(
-        True, flag="--hyper-connections-no-tanh", kinds=(HC,), module_arg="use_tanh"
+        True,
+        flag="--hyper-connections-no-tanh",
+        kinds=(HC,),
+        module_arg="use_tanh",
+        must_match=True,
     )
     """HC only: tanh on the dynamic coefficients (False: the paper's "without tanh" ablation)."""
 

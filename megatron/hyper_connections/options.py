@@ -101,7 +101,8 @@ class Option:
     """The keyword argument of the modules' constructors that receives it."""
     must_match: bool = False
     """A checkpoint must have been made with the same value: the option decides which
-    parameters exist. (The variant, its kind and static or dynamic, is always recorded.)"""
+    parameters exist, or the function the model computes with them. (The variant, its kind
+    and static or dynamic, is always recorded.)"""
     allowed: Allowed | None = None
     """The values it may take, checked when the config is built."""
 

@@ -4,8 +4,11 @@ The datasets are megatron-core's own: ``BlendedMegatronDatasetBuilder`` builds `
 splits (and a ``BlendedDataset`` over several prefixes) from ``GPTDatasetConfig``. This module
 adds what a pretraining entry point should check before it spends time on them: Megatron-LM's
 ``--data-path`` list (``[w1] prefix1 [w2] prefix2 ...``) is parsed and validated, every prefix
-must have its ``.bin`` and ``.idx``, the split string must be well formed, and no token id in
-the data may lie outside the tokenizer's vocabulary (it would index past the embedding table).
+must have its ``.bin`` and ``.idx`` and the index must fit the data file (``check_index``: its
+header, its size for the counts it announces, at least one document, and the token offsets of
+its first and last sequences against the size of the ``.bin``), the split string must be well
+formed, and no token id in the data may lie outside the tokenizer's vocabulary (it would index
+past the embedding table).
 
 megatron-core builds its sample indices with a C++ extension,
 ``megatron.core.datasets.helpers_cpp``. megatron-core's wheels ship it compiled and its source
@@ -19,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +34,7 @@ from .tokenizers import Tokenizer
 __all__ = [
     "build_gpt_datasets",
     "check_data_prefixes",
+    "check_index",
     "check_vocab_size",
     "max_token_id",
     "parse_data_path",
@@ -186,7 +191,8 @@ def parse_data_path(data_path: Sequence[str], option: str = "--data-path") -> Bl
 
 
 def check_data_prefixes(prefixes: Sequence[str]) -> None:
-    """Raise FileNotFoundError naming the first prefix that lacks its ``.bin`` or ``.idx``."""
+    """Raise FileNotFoundError naming the first prefix that lacks its ``.bin`` or ``.idx``,
+    and ValueError for an index that does not fit its data file (``check_index``)."""
     for prefix in prefixes:
         missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
         if missing:
@@ -194,6 +200,88 @@ def check_data_prefixes(prefixes: Sequence[str]) -> None:
                 f"data prefix {prefix}: no {' or '.join(prefix + s for s in missing)} "
                 "(a prefix names the files without the .bin/.idx suffix)"
             )
+    for prefix in prefixes:
+        check_index(prefix)
+
+
+# megatron-core's index layout (``indexed_dataset._IndexReader``): magic, version 1, dtype
+# code, sequence count S, document-boundary count D; then int32 lengths [S], int64 byte
+# offsets into the .bin [S], int64 document boundaries [D] and, for multimodal data, int8
+# modes [S].
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = struct.Struct("<9sQBQQ")
+
+
+def check_index(prefix: str) -> None:
+    """Raise ValueError, naming the file and what is wrong, unless ``prefix.idx`` is a
+    megatron-core index that fits ``prefix.bin``: header, size, document count, and the first
+    and last sequence inside the data file. Reads a few bytes, whatever the dataset's size."""
+    from megatron.core.datasets.indexed_dataset import DType
+
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as stream:
+        header = stream.read(_INDEX_HEADER.size)
+        if len(header) < _INDEX_HEADER.size:
+            raise ValueError(
+                f"{idx}: {size} bytes, shorter than an index header ({_INDEX_HEADER.size} bytes): "
+                "the file is truncated"
+            )
+        magic, version, code, sequences, boundaries = _INDEX_HEADER.unpack(header)
+        if magic != _INDEX_MAGIC:
+            raise ValueError(
+                f"{idx}: not a megatron-core index (it starts with {magic!r}, not "
+                f"{_INDEX_MAGIC!r}): the file is corrupt, or not an .idx"
+            )
+        if version != 1:
+            raise ValueError(f"{idx}: index version {version}, megatron-core reads version 1")
+        try:
+            itemsize = DType.size(code)
+        except ValueError:
+            raise ValueError(f"{idx}: unknown token type code {code} in its header") from None
+        expected = _INDEX_HEADER.size + 12 * sequences + 8 * boundaries
+        if size not in (expected, expected + sequences):  # (+ modes, for multimodal data)
+            raise ValueError(
+                f"{idx}: {size} bytes, but its header announces {sequences} sequences and "
+                f"{boundaries - 1} documents, which take {expected} bytes: the file is "
+                "truncated or corrupt"
+            )
+        if sequences == 0 or boundaries < 2:
+            raise ValueError(f"{idx}: the dataset holds no documents")
+
+        def read(offset: int, dtype: type, count: int = 1) -> list[int]:
+            stream.seek(offset)
+            data = stream.read(count * numpy.dtype(dtype).itemsize)
+            return numpy.frombuffer(data, dtype=dtype, count=count).tolist()
+
+        lengths = _INDEX_HEADER.size
+        pointers = lengths + 4 * sequences
+        documents = pointers + 8 * sequences
+        (first_pointer,) = read(pointers, numpy.int64)
+        (last_length,) = read(lengths + 4 * (sequences - 1), numpy.int32)
+        (last_pointer,) = read(pointers + 8 * (sequences - 1), numpy.int64)
+        first_document, last_document = (
+            read(documents, numpy.int64)[0],
+            read(documents + 8 * (boundaries - 1), numpy.int64)[0],
+        )
+    if first_pointer != 0 or last_length < 0 or last_pointer < 0:
+        raise ValueError(
+            f"{idx}: its sequence offsets are corrupt (the first starts at byte {first_pointer}, "
+            f"the last at {last_pointer} with {last_length} tokens)"
+        )
+    if (first_document, last_document) != (0, sequences):
+        raise ValueError(
+            f"{idx}: its document boundaries run from {first_document} to {last_document}, not "
+            f"from 0 to its {sequences} sequences: the file is corrupt"
+        )
+    data_bytes = last_pointer + last_length * itemsize
+    if os.path.getsize(bin_) != data_bytes:
+        state = "cut short" if os.path.getsize(bin_) < data_bytes else "longer than that"
+        raise ValueError(
+            f"{bin_}: {os.path.getsize(bin_)} bytes, but {idx} places its last sequence at "
+            f"bytes {last_pointer} to {data_bytes}: the data file is {state}, or the two files "
+            "do not belong together"
+        )
 
 
 def max_token_id(prefix: str) -> int:

@@ -2,10 +2,12 @@
 
 ``parse_args(argv)`` parses the flags (``parser.build_parser``) and checks everything that can
 be checked before a process group or a model exists: conflicting or out-of-range values, the
-parallel layout against torchrun's ``WORLD_SIZE``, the data and tokenizer files, the tokenizer
-against the largest token id in the data, the checkpoint to resume from, the output
-directories, and the model configuration itself (built by ``factories.transformer_config``
-through the package's ``TransformerConfig``, so that its own validation applies). A problem
+parallel layout against torchrun's ``WORLD_SIZE``, the data and tokenizer files (each index
+against its data file), the tokenizer against the largest token id in the data, the
+checkpoint to resume from (its files, the model flags and the learning-rate schedule it was
+made with), the JSONL log a resumed run appends to, the output directories, and the model
+configuration itself (built by ``factories.transformer_config`` through the package's
+``TransformerConfig``, so that its own validation applies). A problem
 ends the program with argparse's usage error (exit status 2) that names the flags, the values
 and what is allowed; ``check_args`` raises the same message as ``UsageError`` for programmatic
 use, and touches no process group and writes nothing.
@@ -27,8 +29,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import checkpoint_iteration, saved_train_state
-from .factories import tokenizer_from_args, transformer_config
+from ..options import USE_HC, USE_MHC, flag_of, must_match_fields
+from .checkpoints import (
+    check_checkpoint_files,
+    complete_iterations,
+    resume_iteration,
+    saved_train_state,
+)
+from .factories import scheduler_values, tokenizer_from_args, transformer_config
+from .monitoring import JSONL_FILE, read_scalar_records
 from .parser import EMBEDDED, UsageError, build_parser, embedded_cache_dir, parse_and_check
 
 __all__ = ["check_args", "parse_args"]
@@ -55,6 +64,7 @@ def check_args(args: argparse.Namespace, world_size: int | None = None) -> None:
     _check_data(args)
     _check_directories(args)
     transformer_config(args)  # the config's own validation, as a clean CLI error
+    _check_resume_and_log(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +228,20 @@ def _check_schedule(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--save-interval {args.save_interval} needs --save (a checkpoint directory)"
         )
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise UsageError(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are "
+            "exclusive: take the learning-rate schedule from this run's flags or from the "
+            "checkpoint, not both"
+        )
+    if args.load is None:
+        for flag, value in (
+            ("--ckpt-step", args.ckpt_step),
+            ("--override-opt_param-scheduler", args.override_opt_param_scheduler),
+            ("--use-checkpoint-opt_param-scheduler", args.use_checkpoint_opt_param_scheduler),
+        ):
+            if value:
+                raise UsageError(f"{flag} has no effect without --load (a checkpoint directory)")
 
 
 def _check_optional_features(args: argparse.Namespace) -> None:
@@ -303,8 +327,8 @@ def _check_data(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from error
     files = [prefix for prefix in prefixes if prefix != EMBEDDED]
     try:
-        check_data_prefixes(files)
-    except FileNotFoundError as error:
+        check_data_prefixes(files)  # and each index against its data file
+    except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"--data-path: {error}") from error
     try:
         check_vocab_size(files, tokenizer)
@@ -323,18 +347,71 @@ def _check_directories(args: argparse.Namespace) -> None:
             _require_writable_directory(path, flag)
     if EMBEDDED in args.data_path and args.data_cache_path is None:
         _require_writable_directory(str(embedded_cache_dir(args)), f"--data-path {EMBEDDED}")
-    if args.load is not None:
-        _check_resume(args)
 
 
-def _check_resume(args: argparse.Namespace) -> None:
-    """A checkpoint in ``--load`` has a readable tracker and the run's padded vocabulary: a
-    larger one would load (megatron-core lets the vocabulary dimension differ) with new random
-    rows in the output layer that raise the loss."""
-    iteration = checkpoint_iteration(args.load)
-    if iteration is None:
-        return
-    saved = saved_train_state(args.load, iteration)["args"]
+def _check_resume_and_log(args: argparse.Namespace) -> None:
+    """The checkpoint a run resumes from (after the model configuration: it names flags of
+    the model) and the log it appends to."""
+    iteration = resume_iteration(args)
+    if iteration is not None:
+        _check_resume(args, iteration)
+    _check_log(args, iteration or 0)
+
+
+def _check_resume(args: argparse.Namespace, iteration: int) -> None:
+    """The checkpoint of ``iteration`` in ``--load`` can be read, was made for this run's model
+    and with its learning-rate schedule (unless a flag says which schedule to take)."""
+    try:
+        check_checkpoint_files(
+            args.load,
+            iteration,
+            int(os.environ.get("RANK", "0")),
+            args.world_size,
+            with_optimizer=not args.no_load_optim,
+        )
+    except UsageError as error:
+        others = [str(i) for i in complete_iterations(args.load) if i != iteration]
+        hint = (
+            f"give --ckpt-step N to resume from another checkpoint (complete ones: "
+            f"{', '.join(others)})"
+            if others
+            else "it holds no other complete checkpoint"
+        )
+        raise UsageError(
+            f"--load {args.load}: the checkpoint of iteration {iteration} is damaged: {error}; "
+            f"{hint}"
+        ) from error
+    state = saved_train_state(args.load, iteration)
+    _check_checkpoint_model(args, iteration, state["args"])
+    if not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        _check_checkpoint_schedule(args, iteration, state["scheduler"])
+
+
+# The flags that decide the model's parameters (which exist, and their shapes): a checkpoint
+# made with other values cannot be loaded. (Derived defaults are named after the flag.)
+_MODEL_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "ffn_hidden_size": "--ffn-hidden-size (default: from --hidden-size)",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups",
+    "swiglu": "--swiglu",
+    "disable_bias_linear": "--disable-bias-linear",
+    "normalization": "--normalization",
+    "position_embedding_type": "--position-embedding-type",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "num_experts": "--num-experts",
+    "mtp_num_layers": "--mtp-num-layers",
+}
+
+
+def _check_checkpoint_model(args: argparse.Namespace, iteration: int, saved: dict) -> None:
+    """The model flags of ``saved`` (the checkpoint's) are this run's: the vocabulary padding,
+    ``_MODEL_FLAGS``, the learned position embeddings' length and, unless the checkpoint is
+    a residual model's (which loads into an HC model on purpose), the HC variant and every
+    option declared ``must_match``."""
+    # A larger vocabulary would load (megatron-core lets the vocabulary dimension differ),
+    # with new random rows in the output layer that raise the loss.
     if saved["padded_vocab_size"] != args.padded_vocab_size:
         raise UsageError(
             f"--load {args.load}: the checkpoint pads the vocabulary to "
@@ -343,6 +420,74 @@ def _check_resume(args: argparse.Namespace) -> None:
             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}): choose "
             "--make-vocab-size-divisible-by so that they agree"
         )
+    flags = dict(_MODEL_FLAGS)
+    if args.position_embedding_type == "learned_absolute":
+        flags["max_position_embeddings"] = "--max-position-embeddings (default: --seq-length)"
+    if saved.get(USE_HC):
+        for name in (USE_HC, USE_MHC, "hyper_connections_dynamic", *must_match_fields()):
+            flag = flag_of(name)
+            flags[name] = flag if flag == "--" + name.replace("_", "-") else f"{flag} ({name})"
+    differences = [
+        f"{flag} {saved[name]!r} in the checkpoint, {getattr(args, name)!r} in this run"
+        for name, flag in flags.items()
+        if name in saved and saved[name] != getattr(args, name)
+    ]
+    if differences:
+        raise UsageError(
+            f"--load {args.load}: the checkpoint of iteration {iteration} was made for another "
+            f"model: {'; '.join(differences)}: give the flags it was made with (its "
+            "train_state.pt records them), or leave out --load to start anew"
+        )
+
+
+# The schedule's values as the flags name them (``factories.scheduler_values``); the weight
+# decay increment follows --train-iters but has no effect on a constant weight decay.
+_SCHEDULE_FLAGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters",
+    "lr_decay_steps": "--lr-decay-iters (default: --train-iters)",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+}
+
+
+def _check_checkpoint_schedule(args: argparse.Namespace, iteration: int, saved: dict) -> None:
+    """This run's learning-rate schedule is the checkpoint's: megatron-core would otherwise
+    take the checkpoint's values without a word (Megatron-LM refuses the resume)."""
+    values = scheduler_values(args)
+    differences = [
+        f"{flag} {saved[key]!r} in the checkpoint, {values[key]!r} in this run"
+        for key, flag in _SCHEDULE_FLAGS.items()
+        if key in saved and saved[key] != values[key]
+    ]
+    if differences:
+        raise UsageError(
+            f"--load {args.load}: this run's learning-rate schedule is not the one of the "
+            f"checkpoint of iteration {iteration}: {'; '.join(differences)}: give "
+            "--override-opt_param-scheduler to follow this run's flags from "
+            f"iteration {iteration} on, or --use-checkpoint-opt_param-scheduler to keep the "
+            "checkpoint's schedule"
+        )
+
+
+def _check_log(args: argparse.Namespace, iteration: int) -> None:
+    """The JSONL log the run appends to (``monitoring``) is readable up to its last line, which
+    may be incomplete (a run killed while writing it): the run drops that line."""
+    directory = args.tensorboard_dir or args.save
+    path = None if directory is None else Path(directory) / JSONL_FILE
+    if path is None or not path.is_file():
+        return
+    flag = "--tensorboard-dir" if args.tensorboard_dir else "--save"
+    try:
+        read_scalar_records(path)
+    except ValueError as error:
+        raise UsageError(
+            f"{flag} {directory}: {error}: repair or remove the file (a resumed run keeps the "
+            f"records up to iteration {iteration} and appends to them)"
+            if iteration
+            else f"{flag} {directory}: {error}: repair or remove the file (the run appends to it)"
+        ) from error
 
 
 def _require_writable_directory(path: str, flag: str) -> None:

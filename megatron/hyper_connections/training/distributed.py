@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import os
 import socket
 from collections.abc import Iterator
@@ -40,10 +41,15 @@ def initialize_distributed(
     expert_model_parallel_size: int = 1,
     seed: int = 1234,
     function_mode: bool = True,
+    timeout_minutes: float = 10.0,
 ) -> None:
     """Set up torch.distributed (from torchrun's environment; one process without it gets a
     local rendezvous), megatron's parallel state and its random seeds. Without CUDA, enable
-    the CPU layer first (``function_mode`` as in ``cpu_compat.enable_cpu_megatron``)."""
+    the CPU layer first (``function_mode`` as in ``cpu_compat.enable_cpu_megatron``).
+
+    A collective of any of the process groups that waits ``timeout_minutes`` for another
+    rank (a hung or stopped one) fails, and with it this rank, so that the job ends (gloo
+    raises; NCCL's watchdog aborts the process)."""
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         enable_cpu_megatron(function_mode=function_mode)
@@ -58,9 +64,13 @@ def initialize_distributed(
                 int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
             )
         dist.init_process_group(
-            backend="gloo" if on_cpu else "nccl", rank=rank, world_size=world_size
+            backend="gloo" if on_cpu else "nccl",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     parallel_state.initialize_model_parallel(
+        distributed_timeout_minutes=timeout_minutes,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
@@ -91,6 +101,7 @@ def megatron_parallel_state(args: argparse.Namespace) -> Iterator[None]:
         context_parallel_size=args.context_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         seed=args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
     )
     try:
         yield

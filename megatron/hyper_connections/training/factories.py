@@ -11,7 +11,7 @@ the same model from the same flags:
   ``GPTModel`` of one (virtual) pipeline stage, and this rank's chunks on its device and in
   its precision; ``distributed_data_parallel`` wraps them for training;
 - ``optimizer_config``, ``optimizer_and_scheduler``: megatron-core's Adam (no weight decay on
-  HC's connection parameters) and its ``OptimizerParamScheduler``.
+  HC's connection parameters) and its ``OptimizerParamScheduler`` (of ``scheduler_values``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ __all__ = [
     "model_chunks",
     "optimizer_and_scheduler",
     "optimizer_config",
+    "scheduler_values",
     "tokenizer_from_args",
     "transformer_config",
 ]
@@ -250,16 +251,10 @@ def distributed_data_parallel(
     ]
 
 
-def optimizer_and_scheduler(args: argparse.Namespace, model: list) -> tuple[Any, Any]:
-    """megatron-core's Adam over ``model`` (no weight decay on HC's connection parameters)
-    and its learning-rate schedule, stepped once per iteration."""
-    config = optimizer_config(args)
-    optimizer = get_megatron_optimizer(
-        config, model, config_overrides=hyper_connection_config_overrides(config)
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
+def scheduler_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of megatron-core's ``OptimizerParamScheduler`` for ``args``, under the names
+    of its constructor and of its state dict (which a checkpoint holds)."""
+    return dict(
         max_lr=args.lr,
         min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters,
@@ -269,5 +264,26 @@ def optimizer_and_scheduler(args: argparse.Namespace, model: list) -> tuple[Any,
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
+    )
+
+
+def optimizer_and_scheduler(args: argparse.Namespace, model: list) -> tuple[Any, Any]:
+    """megatron-core's Adam over ``model`` (no weight decay on HC's connection parameters)
+    and its learning-rate schedule, stepped once per iteration.
+
+    A resumed schedule takes its values from the checkpoint with
+    ``--use-checkpoint-opt_param-scheduler``, else from this run's flags: with
+    ``--override-opt_param-scheduler``, or when the checks found the two schedules the same
+    (they refuse a resume that would change it silently)."""
+    config = optimizer_config(args)
+    optimizer = get_megatron_optimizer(
+        config, model, config_overrides=hyper_connection_config_overrides(config)
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        **scheduler_values(args),
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=not args.use_checkpoint_opt_param_scheduler,
     )
     return optimizer, scheduler

@@ -32,7 +32,12 @@ TensorBoard (``--tensorboard-dir``), to Weights & Biases (``--wandb-project``) a
 Lines file, ``scalars.jsonl`` in the TensorBoard directory (else in ``--save``): one object per
 logging event, ``{"iteration": i, tag: value, ...}``. A resumed run drops what the interrupted
 run logged after its checkpoint, from the JSONL file and (with TensorBoard's ``purge_step``)
-from the event files.
+from the event files. A run killed mid-write (or a full disk) can leave the file's last line
+incomplete: ``read_scalar_records`` reports it, and a new run drops it before appending.
+
+Non-finite values (a run with ``--no-check-for-nan-in-loss-and-grad``, or the last log before
+the check stops a run) are logged as they are: ``nan`` on the console, NaN in the JSONL file;
+the stability metrics of a non-finite H_res are NaN, never an error.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ __all__ = [
     "hyper_connection_stability",
     "is_logging_rank",
     "per_sublayer",
+    "read_scalar_records",
     "stability_scalars",
     "stability_tag",
     "sublayer_name",
@@ -209,9 +215,13 @@ def h_res_summary(h_res: Tensor) -> dict[str, Tensor]:
     picks = torch.linspace(0, len(tokens) - 1, count, device=tokens.device).round().long()
     mean = tokens.mean(dim=0)
     token_gains = gains(tokens)
+    # The SVD behind log_amax fails on a non-finite matrix: NaN for it (without a host sync).
+    finite = torch.isfinite(mean).all()
+    amax = log_amax(torch.where(finite, mean, torch.eye(len(mean), device=mean.device)))
+    amax = torch.where(finite, amax, torch.full_like(amax, math.nan))
     return {
         "mean": mean,
-        "gains": torch.stack([*(token_gains[k] for k in _GAIN_KEYS), log_amax(mean)]),
+        "gains": torch.stack([*(token_gains[k] for k in _GAIN_KEYS), amax]),
         "sample": tokens[picks],
     }
 
@@ -335,17 +345,48 @@ class ScalarWriter:
             self.wandb.finish()
 
 
+def read_scalar_records(path: str | os.PathLike) -> tuple[list[dict], str | None]:
+    """The records of a JSONL log, in file order, and its incomplete last line (None if there
+    is none): a last line that is not a whole JSON record, as a write cut short leaves it.
+    ``ValueError`` naming the file and the line for a broken line before the last."""
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
+    last = max((index for index, line in enumerate(lines) if line.strip()), default=-1)
+    records: list[dict] = []
+    for index, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            record, reason = None, str(error)
+        else:
+            reason = "no iteration number in it"
+        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+            if index == last:
+                return records, line
+            raise ValueError(f"{path} line {index + 1} is not a JSON record: {reason}")
+        records.append(record)
+    return records, None
+
+
 def _drop_records_after(path: Path, iteration: int) -> None:
-    """Keep the JSONL records of iterations <= ``iteration`` (all of them when it is 0)."""
-    if not iteration or not path.is_file():
+    """Keep the JSONL records of iterations <= ``iteration`` (all of them when it is 0), and
+    drop an incomplete last line, which the next record would otherwise be appended to."""
+    if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if line.strip() and json.loads(line)["iteration"] <= iteration
-    ]
+    records, incomplete = read_scalar_records(path)
+    if incomplete is not None:
+        print(
+            f"warning: {path}: dropped its incomplete last line (a run stopped while writing "
+            f"it?): {incomplete[:60]!r}",
+            flush=True,
+        )
+    elif not iteration and path.read_bytes().endswith(b"\n"):
+        return
+    # json.dumps writes each record back as it was written.
+    kept = [record for record in records if not iteration or record["iteration"] <= iteration]
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(kept), encoding="utf-8")
+    staging.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
     os.replace(staging, path)
 
 
@@ -501,7 +542,8 @@ class TrainingMonitor:
     def log_validation(self, iteration: int, loss: float | None) -> None:
         if not self.logging:
             return
-        scalars = {"lm loss validation": loss, "lm loss validation ppl": math.exp(min(20.0, loss))}
+        ppl = math.exp(min(20.0, loss)) if math.isfinite(loss) else math.nan
+        scalars = {"lm loss validation": loss, "lm loss validation ppl": ppl}
         self.writer.write(iteration, scalars)
         self.summary.update(iteration, scalars)
         print(

@@ -185,6 +185,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", help="checkpoint directory to resume from (none there: start anew)")
     g.add_argument("--save-interval", type=positive_int, help="iterations between checkpoints")
     g.add_argument("--no-load-optim", action="store_true", help="resume the model weights only")
+    g.add_argument(
+        "--ckpt-step",
+        type=positive_int,
+        help="resume from this iteration's checkpoint in --load (default: the tracker's, the last "
+        "complete one)",
+    )
+    g.add_argument(
+        "--override-opt_param-scheduler",
+        "--override-opt-param-scheduler",
+        action="store_true",
+        dest="override_opt_param_scheduler",
+        help="resuming: take the learning-rate schedule from this run's flags, not the checkpoint",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        "--use-checkpoint-opt-param-scheduler",
+        action="store_true",
+        dest="use_checkpoint_opt_param_scheduler",
+        help="resuming: take the learning-rate schedule from the checkpoint, not this run's flags",
+    )
+
+    g = parser.add_argument_group("faults and exits")
+    g.add_argument(
+        "--check-for-nan-in-loss-and-grad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop, before the update, at a non-finite (NaN or inf) loss or gradient; default: on",
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM: finish the current step, save a checkpoint (with --save) and exit 0",
+    )
+    g.add_argument(
+        "--exit-duration-in-mins",
+        type=positive_float,
+        help="save (with --save) and exit 0 after the first step that ends past this many minutes",
+    )
+    g.add_argument(
+        "--exit-interval",
+        type=positive_int,
+        help="save (with --save) and exit 0 after an iteration divisible by this",
+    )
+    g.add_argument(
+        "--distributed-timeout-minutes",
+        type=positive_float,
+        default=10.0,
+        help="a collective that waits longer for another rank fails and ends the job",
+    )
 
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=positive_int, default=100)
@@ -193,7 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir")
     g.add_argument("--wandb-project")
     g.add_argument("--wandb-exp-name")
-    switches = (argparse._StoreTrueAction, argparse._StoreFalseAction)
+    # (A BooleanOptionalAction's help says its default itself.)
+    switches = (
+        argparse._StoreTrueAction,
+        argparse._StoreFalseAction,
+        argparse.BooleanOptionalAction,
+    )
     for action in parser._actions:  # --help shows every default there is
         if action.default not in (None, argparse.SUPPRESS) and not isinstance(action, switches):
             action.help = (

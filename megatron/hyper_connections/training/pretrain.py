@@ -14,7 +14,11 @@ optimizer, resume, then the loop (train step, logging, validation, checkpoint); 
 follow in the same order.
 
 Nothing is written to the checkpoint or log directories before every flag has been checked
-and the run has set up and loaded its checkpoint (see ``checkpoints`` for their layout).
+and the run has set up and loaded its checkpoint (see ``checkpoints`` for their layout), and
+then only by the one run that holds the lock of ``--save``. A run ends after ``--train-iters``
+or earlier (``exits``): on a non-finite loss or gradient, before the update, with an error
+(exit status 1); or, after saving a checkpoint, on SIGTERM (``--exit-signal-handler``), after
+``--exit-duration-in-mins`` or at an ``--exit-interval`` (exit status 0).
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ from ..data.datasets import build_gpt_datasets, parse_data_path
 from ..options import hyper_connection_variant
 from .checkpoints import (
     TrainState,
-    checkpoint_iteration,
     load_training_checkpoint,
+    locked_save_directory,
+    resume_iteration,
     save_training_checkpoint,
 )
 from .checks import parse_args
 from .distributed import megatron_parallel_state
+from .exits import ExitConditions, NonFiniteError
 from .factories import (
     distributed_data_parallel,
     model_chunks,
@@ -58,20 +64,44 @@ from .factories import (
     transformer_config,
 )
 from .monitoring import TrainingMonitor
-from .parser import EMBEDDED, embedded_cache_dir
+from .parser import EMBEDDED, PROG, UsageError, embedded_cache_dir
 
 __all__ = ["TrainState", "main", "pretrain"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The command line (``megatron-hc-pretrain``): check the flags, then train."""
-    pretrain(parse_args(argv))
+    """The command line (``megatron-hc-pretrain``): check the flags, then train. A run
+    refused (another holds ``--save``) exits with status 2, one stopped at a non-finite value
+    with status 1; rank 0 says why."""
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    except (UsageError, NonFiniteError) as error:
+        if _global_rank() == 0:
+            print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(error, UsageError) else 1)
+    except RuntimeError as error:
+        if "timed out" in str(error).lower():  # gloo's words; NCCL's watchdog aborts instead
+            print(
+                f"{PROG}: error: rank {_global_rank()}: a collective waited longer than "
+                f"--distributed-timeout-minutes {args.distributed_timeout_minutes:g} for another "
+                "rank (hung, stopped or gone); the job ends",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
 
 
 def pretrain(args: argparse.Namespace) -> None:
     """Train as ``args`` (from ``parse_args``) say. Run on every rank."""
-    # Set-up: torch.distributed (gloo on CPU, NCCL on GPU) and megatron's parallel state.
-    with megatron_parallel_state(args):
+    # Set-up: the conditions that end the run early (a SIGTERM counts from here), the lock of
+    # --save (rank 0), torch.distributed (gloo on CPU, NCCL on GPU) and megatron's parallel
+    # state.
+    with (
+        ExitConditions(args) as exits,
+        locked_save_directory(args.save if _global_rank() == 0 else None),
+        megatron_parallel_state(args),
+    ):
         # Data: megatron-core GPT datasets; each data-parallel rank reads its own micro-batches.
         tokenizer = tokenizer_from_args(args)
         train_data, valid_data = train_and_valid_datasets(args, tokenizer)
@@ -91,7 +121,7 @@ def pretrain(args: argparse.Namespace) -> None:
 
         # Resume: weights, optimizer, schedule, random states and the position in the data.
         state = TrainState()
-        if args.load is not None and checkpoint_iteration(args.load) is not None:
+        if resume_iteration(args) is not None:
             state = load_training_checkpoint(args, model, optimizer, scheduler)
 
         train_batches = micro_batches(args, train_data, state.consumed_train_samples, len(model))
@@ -99,10 +129,17 @@ def pretrain(args: argparse.Namespace) -> None:
         loss_since_log = torch.zeros(2, device=_device())  # [sum of token losses, tokens]
         with contextlib.closing(TrainingMonitor(args, state.iteration)) as monitor:
             monitor.print(describe_run(args, state))
-            while state.iteration < args.train_iters:
+            exit_reason = None
+            while state.iteration < args.train_iters and exit_reason is None:
                 started = time.perf_counter()
-                loss, grad_norm, updated = train_step(
-                    args, model, optimizer, forward_backward, train_batches
+                loss, grad_norm, updated, exit_reason = train_step(
+                    args,
+                    model,
+                    optimizer,
+                    forward_backward,
+                    train_batches,
+                    exits,
+                    state.iteration + 1,
                 )
                 if updated:  # an fp16 step skipped for overflow does not advance the schedule
                     scheduler.step(increment=1)
@@ -111,8 +148,9 @@ def pretrain(args: argparse.Namespace) -> None:
                 loss_since_log += loss
                 monitor.record_step(grad_norm, updated, time.perf_counter() - started)
 
-                # Logging, validation and checkpoints at their intervals and at the end.
-                last = state.iteration == args.train_iters
+                # Logging, validation and checkpoints at their intervals and at the end (an
+                # early exit logs and saves too).
+                last = state.iteration == args.train_iters or exit_reason is not None
                 if state.iteration % args.log_interval == 0 or last:
                     monitor.log_training(
                         state.iteration,
@@ -122,14 +160,36 @@ def pretrain(args: argparse.Namespace) -> None:
                         optimizer.get_loss_scale().item() if args.fp16 else None,
                     )
                     loss_since_log.zero_()
-                if args.eval_iters > 0 and (state.iteration % args.eval_interval == 0 or last):
+                if args.eval_iters > 0 and (
+                    state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters
+                ):
                     validation_loss = evaluate(args, model, forward_backward, valid_data)
                     monitor.log_validation(state.iteration, validation_loss)
                 if args.save is not None and (
                     (args.save_interval and state.iteration % args.save_interval == 0) or last
                 ):
-                    save_training_checkpoint(args, state, model, optimizer, scheduler)
+                    save_finite_checkpoint(args, state, model, optimizer, scheduler, monitor)
+            if exit_reason is not None:
+                monitor.print(exit_reason)
             monitor.print_summary()
+
+
+def save_finite_checkpoint(
+    args: argparse.Namespace,
+    state: TrainState,
+    model: list,
+    optimizer: Any,
+    scheduler: Any,
+    monitor: TrainingMonitor,
+) -> None:
+    """``save_training_checkpoint``; a model with non-finite parameters stops the run, or,
+    with ``--no-check-for-nan-in-loss-and-grad``, is left unsaved with a warning."""
+    try:
+        save_training_checkpoint(args, state, model, optimizer, scheduler)
+    except NonFiniteError as error:
+        if args.check_for_nan_in_loss_and_grad:
+            raise
+        monitor.print(f"warning: {error} (--no-check-for-nan-in-loss-and-grad: training goes on)")
 
 
 def describe_run(args: argparse.Namespace, state: TrainState) -> str:
@@ -277,16 +337,22 @@ def train_step(
     optimizer: Any,
     forward_backward: Callable,
     batches: Any,
-) -> tuple[Tensor, float | None, bool]:
-    """One optimizer step over a global batch. Returns its [loss sum, tokens] on this rank
-    (zeros off the last pipeline stage), the gradient norm and whether the update was
-    applied (fp16 skips it when the gradients overflow)."""
+    exits: ExitConditions,
+    iteration: int,
+) -> tuple[Tensor, float | None, bool, str | None]:
+    """One optimizer step over a global batch, that of ``iteration``. Returns its [loss sum,
+    tokens] on this rank (zeros off the last pipeline stage), the gradient norm, whether the
+    update was applied (fp16 skips it when the gradients overflow) and why the run ends
+    after it (None: it goes on). Raises ``NonFiniteError`` before the update for a
+    non-finite loss or gradient (see ``exits``)."""
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = run_schedule(args, forward_backward, model, batches, forward_only=False)
+    loss = _summed_loss(outputs)
+    exit_reason = exits.check_step(iteration, loss, model)
     updated, grad_norm, _ = optimizer.step()
-    return _summed_loss(outputs), grad_norm, updated
+    return loss, grad_norm, updated, exit_reason
 
 
 def run_schedule(
@@ -371,6 +437,11 @@ def _device() -> torch.device:
         if torch.cuda.is_available()
         else (torch.device("cpu"))
     )
+
+
+def _global_rank() -> int:
+    """This process's rank, also before the process group exists (torchrun's ``RANK``)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def _one_or_list(items: list) -> Any:
