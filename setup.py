@@ -32,7 +32,6 @@ setup(
         # 0.15 and 0.16 run on Python >= 3.10, 0.17 to 0.19 on Python >= 3.12; 0.20 brings a
         # TransformerConfig with hyper-connection fields of its own (see config.py).
         "megatron-core>=0.15,<0.20",
-        "einops>=0.8",
         # megatron-core's distributed checkpoint writer needs it and does not declare it.
         "psutil",
     ],
