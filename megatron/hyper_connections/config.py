@@ -4,6 +4,7 @@ With ``use_hyper_connections=False`` (the default) every model built from it is 
 own, parameter for parameter and bit for bit.
 """
 
+import importlib.metadata
 import inspect
 import math
 from collections.abc import Callable
@@ -38,15 +39,26 @@ def _refuse_shadowed_fields(cls: type) -> type:
     for base in cls.__mro__[1:]:
         shadowed = sorted(own & set(getattr(base, "__dataclass_fields__", ())))
         if shadowed:
-            from megatron.core import __version__ as mcore_version
-
+            version = _megatron_core_version()
             raise ImportError(
-                f"megatron-core {mcore_version}'s {base.__module__}.{base.__qualname__} already "
+                f"megatron-core {version}'s {base.__module__}.{base.__qualname__} already "
                 f"defines {', '.join(shadowed)}, which {cls.__module__}.{cls.__qualname__} "
                 f"defines too: this package supports megatron-core >=0.15,<0.20, whose config "
                 f"has none of its hyper-connection fields; install such a megatron-core"
             )
     return cls
+
+
+def _megatron_core_version() -> str:
+    """The installed distribution's version; megatron-core's own ``__version__`` gains the
+    commit of whatever git repository its files lie in (a virtual environment inside a
+    checkout, say)."""
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:  # a Megatron-LM checkout on PYTHONPATH
+        from megatron.core.package_info import __shortversion__
+
+        return __shortversion__
 
 
 @_refuse_shadowed_fields

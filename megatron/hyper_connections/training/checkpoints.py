@@ -166,13 +166,19 @@ def check_checkpoint_files(
     saved = saved_train_state(checkpoint_dir, iteration)
     for part in ("model", "optimizer") if with_optimizer else ("model",):
         folder = directory / part
-        _read(folder / "common.pt")
         try:
             metadata = FileSystemReader(str(folder)).read_metadata()
         except Exception as error:  # a pickle cut short raises anything
             raise UsageError(
                 f"{folder / '.metadata'}: cannot be read ({_reason(error)})"
             ) from error
+        # The common (non-tensor) state: common.pt from older megatron-core releases; newer
+        # ones keep it in the checkpoint itself, as the sharded object "common_state".
+        common = folder / "common.pt"
+        if common.exists() or not any(
+            index.fqn.startswith("common_state/") for index in metadata.storage_data
+        ):
+            _read(common)
         needed: dict[str, int] = {}
         for item in metadata.storage_data.values():
             end = item.offset + item.length
